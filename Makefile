@@ -1,0 +1,30 @@
+# Two commands: `make demo` (offline demo) and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test bench clean
+
+$(VENV)/.deps: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -e .
+	touch $@
+
+$(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+demo: $(VENV)/.deps
+	$(PY) -m dreampeft.demo
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest
+
+bench: $(VENV)/.test-deps
+	$(PY) bench/adapters.py
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,25 @@
+"""dreampeft: DreamBooth personalisation with LoRA, LoRA-Dash, FourierFT and MoRA adapters.
+
+    import dreampeft as dp
+    cfg = dp.LoRAConfig(r=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    names = dp.inject_adapters(unet, cfg)
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, AdapterLayer,
+                       ConfigError, LoRAConfig, config_from_dict, get_method)
+from .inject import (adapter_layers, adapter_parameters, disable_adapters, find_targets,
+                     inject_adapters, mark_only_adapters_trainable, merge_adapters,
+                     remove_adapters, set_adapter_scale, trainable_parameter_count,
+                     unmerge_adapters)
+from .state import AdapterFileError, load_adapter, read_manifest, save_adapter
+
+__all__ = [
+    "__version__", "CLIP_ATTENTION", "METHODS", "UNET_ATTENTION", "AdapterConfig", "AdapterLayer",
+    "ConfigError", "LoRAConfig", "config_from_dict", "get_method", "adapter_layers",
+    "adapter_parameters", "disable_adapters", "find_targets", "inject_adapters",
+    "mark_only_adapters_trainable", "merge_adapters", "remove_adapters", "set_adapter_scale",
+    "trainable_parameter_count", "unmerge_adapters", "AdapterFileError", "load_adapter",
+    "read_manifest", "save_adapter",
+]

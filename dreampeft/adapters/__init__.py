@@ -1,0 +1,11 @@
+"""Adapter methods on one contract. Importing this package registers every method."""
+
+from .base import METHODS, AdapterLayer, config_from_dict, get_method, reference_forward, register_method
+from .config import CLIP_ATTENTION, UNET_ATTENTION, AdapterConfig, ConfigError
+from .lora import LoRAConfig, LoRALayer
+
+__all__ = [
+    "METHODS", "AdapterLayer", "AdapterConfig", "ConfigError", "config_from_dict", "get_method",
+    "reference_forward", "register_method", "CLIP_ATTENTION", "UNET_ATTENTION",
+    "LoRAConfig", "LoRALayer",
+]

@@ -1,0 +1,155 @@
+"""The adapter contract: one base class wraps a frozen ``nn.Linear``; methods add ΔW.
+
+A method implements two things:
+  * ``delta_weight()``: the dense update ΔW (float32, shape of the base weight);
+  * ``adapter_forward(x)``: ``x @ ΔW^T`` computed the cheap way (never through a dense ΔW
+    unless that *is* the cheap way).
+Everything else (merge, unmerge, disable, the user scale, what is saved) is derived here once,
+so every method behaves the same and the property tests run over all of them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig, ConfigError
+
+METHODS: dict[str, type["AdapterLayer"]] = {}
+
+
+def register_method(layer_cls: type["AdapterLayer"]) -> type["AdapterLayer"]:
+    """Class decorator: make a method available by its config's ``method`` name."""
+    name = layer_cls.config_cls.method
+    if not name or name in METHODS:
+        raise RuntimeError(f"method name {name!r} is empty or registered twice")
+    METHODS[name] = layer_cls
+    return layer_cls
+
+
+def get_method(name: str) -> type["AdapterLayer"]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown adapter method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    if "method" not in data:
+        raise ConfigError(f"adapter config has no 'method' key; expected one of {sorted(METHODS)}")
+    return get_method(data["method"]).config_cls.from_dict(data)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus a trainable update ΔW.
+
+    Trainable tensors and saved buffers are created in float32 on the base weight's device,
+    whatever the base dtype, so bf16/fp16 bases train their adapters in full precision.
+    """
+
+    config_cls: ClassVar[type[AdapterConfig]]
+
+    def __init__(self, base_layer: nn.Linear, config: AdapterConfig):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"adapters wrap nn.Linear layers, got {type(base_layer).__name__}")
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}")
+        self.base_layer = base_layer
+        self.config = config
+        base_layer.requires_grad_(False)
+        self.scale = 1.0  # user-facing strength multiplier on ΔW (1.0 = as trained)
+        self.enabled = True
+        self.merged_scale: float | None = None  # scale folded into base_layer.weight, if merged
+
+    # -- what a method implements ---------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ ΔW^T`` for ``x`` in the adapter dtype (float32 unless cast by the user)."""
+        raise NotImplementedError
+
+    # -- derived behaviour -----------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects attn.to_q.weight keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return self.merged_scale is not None
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        return next(p for n, p in self.named_parameters() if not n.startswith("base_layer.")).dtype
+
+    def new_tensor(self, *shape: int) -> torch.Tensor:
+        """An empty float32 tensor on the base weight's device, for parameters and buffers."""
+        return torch.empty(*shape, dtype=torch.float32, device=self.base_layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or self.merged or self.scale == 0:
+            return self.base_layer(x)
+        return self.adapted_forward(x)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + scale · x ΔW^T``; a method may override this with a fused fast path."""
+        result = self.base_layer(x)
+        delta = self.adapter_forward(x.to(self.adapter_dtype))
+        if self.scale != 1.0:
+            delta = delta * self.scale
+        return result + delta.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ``scale · ΔW`` into the base weight (sum taken in float32, then cast)."""
+        if self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_(w.float() + self.scale * self.delta_weight().to(w.device))
+        self.merged_scale = self.scale
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_(w.float() - self.merged_scale * self.delta_weight().to(w.device))
+        self.merged_scale = None
+
+    def set_scale(self, scale: float) -> None:
+        if self.merged and scale != self.merged_scale:
+            raise RuntimeError("unmerge the adapter before changing its scale")
+        self.scale = float(scale)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor and persistent buffer of the adapter (not the base layer)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if not n.startswith("base_layer."))
+
+    def extra_repr(self) -> str:
+        return f"method={self.config.method}, in={self.in_features}, out={self.out_features}"
+
+
+def reference_forward(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    """Reference output ``base(x) + x @ ΔW^T`` in float32 (used by tests and benchmarks)."""
+    w = layer.base_layer.weight.float() + layer.scale * layer.delta_weight()
+    b = None if layer.base_layer.bias is None else layer.base_layer.bias.float()
+    return F.linear(x.float(), w, b)

@@ -1,0 +1,155 @@
+"""Tiny, randomly initialised models with the real architectures, built offline from a seed.
+
+They are saved in the same folder layout as a hub model, so tests and the demo exercise the real
+loading code (``from_pretrained`` on a local folder):
+
+    python -m dreampeft.tiny sdxl DIR [--seed N]     # StableDiffusionXLPipeline folder
+    python -m dreampeft.tiny llama DIR [--seed N]    # LlamaForCausalLM + byte-level tokenizer
+    python -m dreampeft.tiny vit DIR [--seed N]      # ViTForImageClassification + image processor
+
+The SDXL model keeps every structural feature the trainer depends on: a UNet with ``text_time``
+added conditioning (pooled text embedding + six micro-conditioning numbers), cross-attention
+blocks in down, mid and up paths, the two CLIP text encoders (the second with projection), a
+VAE and an Euler scheduler. Sizes are chosen so a 64x64 image takes well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+CLIP_TOKENIZER_DIR = ASSETS / "clip_tokenizer"
+
+# Sizes of the tiny SDXL. cross_attention_dim = hidden(te1) + hidden(te2), as in SDXL (768+1280).
+TE1_HIDDEN, TE2_HIDDEN, TE2_PROJ, TIME_DIM = 32, 32, 32, 8
+
+
+def _clip_config(hidden: int, projection_dim: int = 32):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection_dim,
+        hidden_act="gelu", bos_token_id=912, eos_token_id=913, pad_token_id=913,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """A StableDiffusionXLPipeline with random weights, deterministic from ``seed``."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
+        addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(_clip_config(TE1_HIDDEN))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(TE2_HIDDEN, TE2_PROJ))
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, timestep_spacing="leading", steps_offset=1,
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
+
+
+def save_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+    out = Path(out_dir)
+    build_tiny_sdxl(seed).save_pretrained(out)
+    return out
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials): every string round-trips exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .tiny_tokenizer import bytes_to_unicode
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials + list(bytes_to_unicode().values()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        pad_token="<pad>",
+    )
+
+
+def build_tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2):
+    """A LlamaForCausalLM with a byte-level vocabulary (260 tokens)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=260, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config), _byte_tokenizer()
+
+
+def build_tiny_vit(seed: int = 0, num_labels: int = 3, image_size: int = 32):
+    """A ViTForImageClassification on ``image_size`` px images with 8 px patches."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=num_labels,
+        id2label={i: f"class_{i}" for i in range(num_labels)},
+        label2id={f"class_{i}": i for i in range(num_labels)},
+    )
+    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    return ViTForImageClassification(config), processor
+
+
+def save_pair(model_and_proc, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    for part in model_and_proc:
+        part.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dreampeft.tiny", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=["sdxl", "llama", "vit"])
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        parser.error(f"{out} exists and is not empty; choose a new folder or delete it first")
+    if args.kind == "sdxl":
+        save_tiny_sdxl(out, args.seed)
+    elif args.kind == "llama":
+        save_pair(build_tiny_llama(args.seed), out)
+    else:
+        save_pair(build_tiny_vit(args.seed), out)
+    print(f"saved tiny {args.kind} (seed {args.seed}) to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The test table: tiny models × adapter methods, and helpers to drive them.
+
+A new method joins every property test by adding one row to METHOD_CASES
+(test_every_method_has_a_case fails until it does).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import nn
+
+import dreampeft as dp
+
+# One config per method, with identity initialisation so "identity at init" holds for all.
+METHOD_CASES = {
+    "lora": lambda targets: dp.LoRAConfig(r=3, alpha=6.0, target_modules=targets),
+}
+
+
+class MLP(nn.Module):
+    """Odd, non-divisible shapes: wide (24→40), tall (40→17), with and without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.down = nn.Linear(40, 17, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+@functools.cache
+def _tiny_pipe():
+    from dreampeft.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(seed=0)
+
+
+def build(model: str) -> nn.Module:
+    torch.manual_seed(0)
+    if model == "mlp":
+        return MLP()
+    pipe = _tiny_pipe()
+    part = {"unet": pipe.unet, "clip": pipe.text_encoder, "clip2": pipe.text_encoder_2}[model]
+    return copy.deepcopy(part).eval()
+
+
+MODEL_TARGETS = {
+    "mlp": ["up", "down"],
+    "unet": list(dp.UNET_ATTENTION),
+    "clip": list(dp.CLIP_ATTENTION),
+    "clip2": list(dp.CLIP_ATTENTION),
+}
+
+
+def example_input(model: str, seed: int = 1, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    f = functools.partial(torch.randn, generator=g, dtype=dtype)
+    if model == "mlp":
+        return {"x": f(5, 24)}
+    if model == "unet":
+        return {
+            "sample": f(2, 4, 8, 8),
+            "timestep": torch.tensor([10, 500]),
+            "encoder_hidden_states": f(2, 7, 64),
+            "added_cond_kwargs": {"text_embeds": f(2, 32),
+                                  "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2).to(dtype)},
+        }
+    return {"input_ids": torch.randint(0, 900, (2, 9), generator=g)}
+
+
+def run(model_name: str, model: nn.Module, seed: int = 1) -> torch.Tensor:
+    inputs = example_input(model_name, seed)
+    if model_name == "mlp":
+        return model(inputs["x"])
+    out = model(**inputs)
+    return out.sample if model_name == "unet" else out[0]
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every trainable adapter tensor non-trivial values, so ΔW ≠ 0 in the checks."""
+    g = torch.Generator().manual_seed(seed)
+    for p in dp.adapter_parameters(model):
+        p.copy_(torch.randn(p.shape, generator=g) * std)
