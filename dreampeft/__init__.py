@@ -8,7 +8,8 @@
 __version__ = "0.1.0"
 
 from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, AdapterLayer,
-                       ConfigError, LoRAConfig, config_from_dict, get_method)
+                       ConfigError, FourierFTConfig, LoRAConfig, LoRADashConfig, MoRAConfig,
+                       config_from_dict, dash_step, get_method, is_dash_active, launch_dash)
 from .inject import (adapter_layers, adapter_parameters, disable_adapters, find_targets,
                      inject_adapters, mark_only_adapters_trainable, merge_adapters,
                      remove_adapters, set_adapter_scale, trainable_parameter_count,
@@ -17,9 +18,18 @@ from .state import AdapterFileError, load_adapter, read_manifest, save_adapter
 
 __all__ = [
     "__version__", "CLIP_ATTENTION", "METHODS", "UNET_ATTENTION", "AdapterConfig", "AdapterLayer",
-    "ConfigError", "LoRAConfig", "config_from_dict", "get_method", "adapter_layers",
+    "ConfigError", "LoRAConfig", "LoRADashConfig", "FourierFTConfig", "MoRAConfig", "dash_step",
+    "is_dash_active", "launch_dash", "DashCallback", "config_from_dict", "get_method", "adapter_layers",
     "adapter_parameters", "disable_adapters", "find_targets", "inject_adapters",
     "mark_only_adapters_trainable", "merge_adapters", "remove_adapters", "set_adapter_scale",
     "trainable_parameter_count", "unmerge_adapters", "AdapterFileError", "load_adapter",
     "read_manifest", "save_adapter",
 ]
+
+
+def __getattr__(name):  # DashCallback imports transformers' Trainer machinery: only on demand
+    if name == "DashCallback":
+        from .hf import DashCallback
+
+        return DashCallback
+    raise AttributeError(f"module 'dreampeft' has no attribute {name!r}")

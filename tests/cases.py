@@ -14,9 +14,16 @@ from torch import nn
 
 import dreampeft as dp
 
-# One config per method, with identity initialisation so "identity at init" holds for all.
+# Configs with identity initialisation, so "identity at init" holds for all. Keys are
+# "method" or "method-variant"; every registered method needs at least one row.
 METHOD_CASES = {
     "lora": lambda targets: dp.LoRAConfig(r=3, alpha=6.0, target_modules=targets),
+    "lora_dash": lambda targets: dp.LoRADashConfig(r=3, alpha=6.0, n_directions=4,
+                                                   target_modules=targets),
+    "fourierft": lambda targets: dp.FourierFTConfig(n_frequency=200, scaling=50.0, init="zeros",
+                                                    target_modules=targets),
+    "mora": lambda targets: dp.MoRAConfig(r=3, mora_type=6, target_modules=targets),
+    "mora-type1": lambda targets: dp.MoRAConfig(r=3, mora_type=1, target_modules=targets),
 }
 
 
@@ -82,7 +89,11 @@ def run(model_name: str, model: nn.Module, seed: int = 1) -> torch.Tensor:
 
 @torch.no_grad()
 def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.05) -> None:
-    """Give every trainable adapter tensor non-trivial values, so ΔW ≠ 0 in the checks."""
+    """Give every trainable adapter tensor non-trivial values, so ΔW ≠ 0 in the checks.
+
+    LoRA-Dash layers are launched afterwards, so their dash term is active too.
+    """
     g = torch.Generator().manual_seed(seed)
     for p in dp.adapter_parameters(model):
         p.copy_(torch.randn(p.shape, generator=g) * std)
+    dp.launch_dash(model)

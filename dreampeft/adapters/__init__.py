@@ -2,10 +2,14 @@
 
 from .base import METHODS, AdapterLayer, config_from_dict, get_method, reference_forward, register_method
 from .config import CLIP_ATTENTION, UNET_ATTENTION, AdapterConfig, ConfigError
+from .fourierft import FourierFTConfig, FourierFTLayer
 from .lora import LoRAConfig, LoRALayer
+from .lora_dash import LoRADashConfig, LoRADashLayer, dash_step, is_dash_active, launch_dash
+from .mora import MoRAConfig, MoRALayer
 
 __all__ = [
     "METHODS", "AdapterLayer", "AdapterConfig", "ConfigError", "config_from_dict", "get_method",
     "reference_forward", "register_method", "CLIP_ATTENTION", "UNET_ATTENTION",
-    "LoRAConfig", "LoRALayer",
+    "LoRAConfig", "LoRALayer", "LoRADashConfig", "LoRADashLayer", "dash_step", "is_dash_active",
+    "launch_dash", "FourierFTConfig", "FourierFTLayer", "MoRAConfig", "MoRALayer",
 ]

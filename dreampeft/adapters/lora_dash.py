@@ -1,0 +1,133 @@
+"""LoRA-Dash (Si et al., ICLR 2025); METHODS.md §2.
+
+Plain LoRA until the launch (after ``warmup_steps`` optimizer steps). The launch picks, per
+layer, the ``n_directions`` singular directions u_i v_iᵀ of the frozen W0 whose coordinate in the
+LoRA update changes most relative to σ_i, and from then on a learnable scalar δ_i per direction
+adds U_s diag(δ) V_sᵀ. Deliberate differences from the official code (all in METHODS.md):
+optimizer steps are counted (not forward calls); directions fill preallocated buffers in place
+(the official code swaps Parameter objects, which breaks DDP/FSDP and the optimizer);
+``dash_active`` and the directions are saved, so a reloaded adapter resumes in its phase; the
+change rate divides by σ + eps.
+
+Forward: one concatenated low-rank product, up = [s·B | U], down = [A ; diag(δ)·Vh]. Before the
+launch U and Vh are zero, so the extra columns contribute nothing (and δ gets zero gradient)
+without a data-dependent branch, which would force a device sync on GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, register_method
+from .config import option, require
+from .lora import LoRAConfig, LoRAMixin
+
+EPS = 1e-8
+
+
+@dataclass
+class LoRADashConfig(LoRAConfig):
+    method = "lora_dash"
+
+    warmup_steps: int = option(100, "optimizer steps of plain LoRA before the launch",
+                               cli="--dash_warmup_steps")
+    n_directions: int = option(8, "task-specific directions given a learnable scale at launch",
+                               cli="--dash_directions")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {self.warmup_steps})")
+        require(self.n_directions >= 1, f"n_directions must be >= 1 (got {self.n_directions})")
+
+
+@register_method
+class LoRADashLayer(LoRAMixin, AdapterLayer):
+    config_cls = LoRADashConfig
+
+    def __init__(self, base_layer: nn.Linear, config: LoRADashConfig):
+        super().__init__(base_layer, config)
+        s = config.n_directions
+        require(s <= min(self.in_features, self.out_features),
+                f"n_directions={s} exceeds the rank bound of a {self.out_features}x"
+                f"{self.in_features} layer; lower it or exclude this layer")
+        self.init_lora(config.r, config.dropout, config.scaling)
+        self.dash_delta = nn.Parameter(self.new_tensor(s).zero_())
+        self.register_buffer("dash_U", self.new_tensor(self.out_features, s).zero_())
+        self.register_buffer("dash_Vh", self.new_tensor(s, self.in_features).zero_())
+        self.register_buffer("dash_active", torch.zeros((), dtype=torch.bool, device=self.dash_U.device))
+
+    def dash_delta_weight(self) -> torch.Tensor:
+        return self.dash_U @ (self.dash_delta[:, None] * self.dash_Vh)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_delta() + self.dash_delta_weight()
+
+    def low_rank_factors(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up, down) with ΔW·scale = up @ down; rank r + n_directions, used by forward and export."""
+        up = torch.cat([self.lora_B * (self.scaling * scale), self.dash_U], dim=1)
+        down = torch.cat([self.lora_A, self.dash_Vh * (self.dash_delta[:, None] * scale)])
+        return up, down
+
+    def _hidden(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        if isinstance(self.dropout, nn.Identity):
+            coef = torch.cat([self.dash_delta.new_full((self.config.r,), self.scaling * scale),
+                              self.dash_delta * scale])
+            return F.linear(x, torch.cat([self.lora_A, self.dash_Vh])) * coef
+        # dropout applies to the LoRA branch only
+        return torch.cat([self.lora_down(x, self.scaling * scale),
+                          F.linear(x, self.dash_Vh) * (self.dash_delta * scale)], dim=-1)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._hidden(x, 1.0), torch.cat([self.lora_B, self.dash_U], dim=1))
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if result.dtype != self.lora_B.dtype:
+            return super().adapted_forward(x)
+        h = self._hidden(x, self.scale)
+        up = torch.cat([self.lora_B, self.dash_U], dim=1)
+        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), up.t())
+        return out.view(result.shape)
+
+    @torch.no_grad()
+    def launch(self) -> bool:
+        """Select the directions now (METHODS.md §2, Launch). Returns False if already launched."""
+        if bool(self.dash_active):
+            return False
+        w0 = self.base_layer.weight.float()
+        if self.merged:
+            w0 = w0 - self.merged_scale * self.delta_weight()
+        U, sigma, Vh = torch.linalg.svd(w0, full_matrices=False)
+        # diag(Uᵀ ΔW V) with ΔW = s·B A, without forming ΔW: (Uᵀ s·B) row i · (A V) column i
+        coords = ((U.T @ self.lora_B.float()) * self.scaling * (Vh @ self.lora_A.float().T)).sum(-1)
+        rate = coords.abs() / (sigma + EPS)
+        idx = torch.topk(rate, self.config.n_directions).indices
+        self.dash_U.copy_(U[:, idx])
+        self.dash_Vh.copy_(Vh[idx])
+        self.dash_active.fill_(True)
+        return True
+
+
+def launch_dash(model: nn.Module) -> list[str]:
+    """Launch every LoRA-Dash layer of ``model`` that has not launched; returns their names."""
+    return [n for n, m in model.named_modules() if isinstance(m, LoRADashLayer) and m.launch()]
+
+
+def dash_step(model: nn.Module, completed_steps: int) -> list[str]:
+    """Call once after every optimizer step with the number of optimizer steps done so far.
+
+    Launches each layer whose ``warmup_steps`` have been reached (steps 0…t-1 are plain LoRA);
+    idempotent, so resuming from a checkpoint never launches twice.
+    """
+    return [n for n, m in model.named_modules()
+            if isinstance(m, LoRADashLayer) and completed_steps >= m.config.warmup_steps and m.launch()]
+
+
+def is_dash_active(model: nn.Module) -> bool:
+    layers = [m for m in model.modules() if isinstance(m, LoRADashLayer)]
+    return bool(layers) and all(bool(m.dash_active) for m in layers)
+

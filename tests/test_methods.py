@@ -1,0 +1,259 @@
+"""Per-method checks against independent references written from METHODS.md."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import dreampeft as dp
+from dreampeft.adapters import FourierFTLayer, LoRADashLayer, MoRALayer
+from dreampeft.adapters.mora import mora_rank
+
+from .cases import build, example_input
+
+
+def _layer(cls, d_out, d_in, cfg, seed=0):
+    torch.manual_seed(seed)
+    return cls(nn.Linear(d_in, d_out), cfg)
+
+
+# ---------------------------------------------------------------- FourierFT
+def test_fourierft_seed_2024_entries():
+    """Reference values on torch 2.13 CPU for a 768x768 layer (issue 3)."""
+    layer = _layer(FourierFTLayer, 768, 768, dp.FourierFTConfig(n_frequency=1000))
+    rows, cols = layer.indices
+    assert (rows * 768 + cols)[:5].tolist() == [466568, 254852, 455206, 248204, 53127]
+    other = _layer(FourierFTLayer, 768, 768, dp.FourierFTConfig(n_frequency=1000), seed=5)
+    assert torch.equal(other.indices, layer.indices)  # shared by every layer of the shape
+    assert not torch.equal(_layer(FourierFTLayer, 768, 768, dp.FourierFTConfig(seed=1)).indices,
+                           layer.indices)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(7, 9), (9, 7), (8, 8), (6, 10)])
+def test_fourierft_closed_form(d_out, d_in):
+    layer = _layer(FourierFTLayer, d_out, d_in, dp.FourierFTConfig(n_frequency=20, scaling=3.0))
+    c, (rows, cols) = layer.spectrum.detach().double(), layer.indices.double()
+    p = torch.arange(d_out, dtype=torch.float64)[:, None, None]
+    q = torch.arange(d_in, dtype=torch.float64)[None, :, None]
+    phase = 2 * math.pi * (p * rows / d_out + q * cols / d_in)
+    expected = 3.0 / (d_out * d_in) * (c * torch.cos(phase)).sum(-1)
+    torch.testing.assert_close(layer.delta_weight().double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(33, 47), (64, 64), (40, 90)])
+def test_fourierft_gradient_matches_autograd_through_ifft2(d_out, d_in):
+    layer = _layer(FourierFTLayer, d_out, d_in, dp.FourierFTConfig(n_frequency=300, scaling=150.0))
+    g = torch.randn(d_out, d_in)
+    (layer.delta_weight() * g).sum().backward()
+    spec = layer.spectrum.detach().clone().requires_grad_()
+    dense = torch.zeros(d_out, d_in, dtype=torch.complex64)
+    dense = dense.index_put((layer.indices[0], layer.indices[1]), spec.to(torch.complex64))
+    (torch.fft.ifft2(dense).real * 150.0 * g).sum().backward()
+    torch.testing.assert_close(layer.spectrum.grad, spec.grad, rtol=1e-4, atol=1e-6)
+
+
+@torch.no_grad()
+def test_fourierft_matches_peft():
+    peft = pytest.importorskip("peft")
+    ours, theirs = build("unet"), build("unet")
+    # scaling 10: at 150 a 64x64 layer's ΔW is ~6x W0 and the random UNet amplifies float noise
+    dp.inject_adapters(ours, dp.FourierFTConfig(n_frequency=300, scaling=10.0, seed=7))
+    theirs = peft.inject_adapter_in_model(peft.FourierFTConfig(
+        n_frequency=300, scaling=10.0, random_loc_seed=7, target_modules=list(dp.UNET_ATTENTION)), theirs)
+    for name, layer in dp.adapter_layers(ours).items():
+        other = theirs.get_submodule(name)
+        assert torch.equal(other.indices["default"].long(), layer.indices), name
+        other.fourierft_spectrum["default"].copy_(layer.spectrum)
+        torch.testing.assert_close(layer.delta_weight(), other.get_delta_weight("default"),
+                                   rtol=1e-5, atol=1e-6)
+    inputs = example_input("unet")
+    torch.testing.assert_close(ours(**inputs).sample, theirs(**inputs).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_fourierft_inference_cache_follows_the_spectrum():
+    layer = _layer(FourierFTLayer, 20, 30, dp.FourierFTConfig(n_frequency=50))
+    x = torch.randn(4, 30)
+    with torch.no_grad():
+        a = layer(x)
+        layer.spectrum.mul_(2.0)
+        b = layer(x)
+        layer.set_scale(0.5)
+        c = layer(x)
+    delta = a - layer.base_layer(x)
+    torch.testing.assert_close(b - layer.base_layer(x), 2 * delta, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c - layer.base_layer(x), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_fourierft_rejects_more_frequencies_than_entries():
+    with pytest.raises(dp.ConfigError, match="n_frequency=50 exceeds the 4x10 layer's 40 entries"):
+        _layer(FourierFTLayer, 4, 10, dp.FourierFTConfig(n_frequency=50))
+
+
+# ---------------------------------------------------------------- MoRA
+def naive_mora(x: torch.Tensor, M: torch.Tensor, d_out: int, t: int) -> torch.Tensor:
+    """METHODS.md §4 for one input vector, loop by loop."""
+    r, d_in = M.shape[0], x.numel()
+    n_in = -(-d_in // r)
+    xp = torch.cat([x, x[: n_in * r - d_in]])
+    if t in (1, 4):
+        c = torch.stack([xp[i::r].sum() for i in range(r)])
+    elif t in (2, 3):
+        sizes = [d_in // r + (1 if i < d_in % r else 0) for i in range(r)]
+        starts = [sum(sizes[:i]) for i in range(r)]
+        c = torch.stack([x[s:s + n].sum() for s, n in zip(starts, sizes)])
+    if t == 6:
+        theta = torch.tensor([10000 ** (-2 * j / r) for j in range(r // 2)], dtype=torch.float64)
+        outs = []
+        for b in range(n_in):
+            v = xp[b * r:(b + 1) * r].double()
+            ang = b * torch.cat([theta, theta])
+            a = v * ang.cos() + torch.cat([-v[r // 2:], v[: r // 2]]) * ang.sin()
+            outs.append(M.double() @ a)
+        z = torch.cat(outs)
+        return torch.cat([z] * (d_out // z.numel() + 1))[:d_out].float()
+    z = M @ c
+    if t in (1, 3):
+        return torch.stack([z[i % r] for i in range(d_out)])
+    reps = [d_out // r + (1 if i < d_out % r else 0) for i in range(r)]
+    return torch.cat([z[i].repeat(n) for i, n in enumerate(reps)])
+
+
+MORA_TYPES = [1, 2, 3, 4, 6]
+SMALL = [(37, 53), (53, 37), (40, 40), (12, 90)]  # (d_out, d_in): odd, tall, wide, square
+
+
+@pytest.mark.parametrize("t", MORA_TYPES)
+@pytest.mark.parametrize("d_out,d_in", SMALL)
+def test_mora_matches_naive_reference(t, d_out, d_in):
+    layer = _layer(MoRALayer, d_out, d_in, dp.MoRAConfig(r=2, mora_type=t))
+    with torch.no_grad():
+        layer.M.copy_(torch.randn_like(layer.M))
+    x = torch.randn(3, d_in)
+    expected = torch.stack([naive_mora(v, layer.M.detach(), d_out, t) for v in x])
+    torch.testing.assert_close(layer.adapter_forward(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", MORA_TYPES)
+@pytest.mark.parametrize("d_out,d_in", [(640, 640), (1280, 1280), (640, 2048), (1280, 2048),
+                                        (4096, 11008), (37, 53), (53, 37)])
+def test_mora_forward_equals_explicit_delta(t, d_out, d_in):
+    if d_in == 11008 and t not in (1, 6):
+        pytest.skip("types 1 and 6 cover the LLaMA MLP shape; 2-4 share their operators")
+    r = 8 if d_out > 100 else 2
+    layer = MoRALayer(nn.Linear(d_in, d_out, bias=False), dp.MoRAConfig(r=r, mora_type=t))
+    assert layer.r_hat == mora_rank(d_in, d_out, r, t) and layer.trainable_count() == layer.r_hat ** 2
+    assert layer.M.abs().sum() == 0  # zero init, and yet M gets gradient at step 0:
+    x = torch.randn(2, 5, d_in)
+    layer.adapter_forward(x).sum().backward()
+    assert layer.M.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.M.copy_(torch.randn_like(layer.M) / layer.r_hat)
+        dw = layer.delta_weight()
+        torch.testing.assert_close(layer.adapter_forward(x), x @ dw.T, rtol=1e-4, atol=1e-4)
+
+
+def test_mora_rank_rounding():
+    assert mora_rank(640, 640, 8, 1) == 101 and mora_rank(640, 640, 8, 6) == 100
+    assert mora_rank(4096, 11008, 8, 6) == 348
+    with pytest.raises(dp.ConfigError, match="r̂=.*must lie in"):
+        _layer(MoRALayer, 200, 10, dp.MoRAConfig(r=8))
+
+
+# ---------------------------------------------------------------- LoRA-Dash
+def _trained_dash(steps=3, **cfg):
+    model = build("mlp")
+    dp.inject_adapters(model, dp.LoRADashConfig(r=2, n_directions=3, target_modules=["up", "down"], **cfg))
+    opt = torch.optim.AdamW(list(dp.adapter_parameters(model)), lr=1e-2)
+    for i in range(steps):
+        model(torch.randn(8, 24, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_dash_launch_is_output_preserving_and_in_place():
+    model, _ = _trained_dash()
+    x = torch.randn(6, 24)
+    layer = model.up
+    ptrs = (layer.dash_U.data_ptr(), layer.dash_Vh.data_ptr(), layer.dash_delta.data_ptr())
+    with torch.no_grad():
+        before = model(x)
+    assert dp.launch_dash(model) == ["up", "down"] and dp.is_dash_active(model)
+    assert dp.launch_dash(model) == []  # idempotent
+    assert (layer.dash_U.data_ptr(), layer.dash_Vh.data_ptr(), layer.dash_delta.data_ptr()) == ptrs
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+
+
+def test_dash_directions_equal_brute_force_ranking():
+    model, _ = _trained_dash()
+    dp.launch_dash(model)
+    for layer in dp.adapter_layers(model).values():
+        w0 = layer.base_layer.weight.detach()
+        U, S, Vh = torch.linalg.svd(w0, full_matrices=False)
+        dw = layer.scaling * layer.lora_B.detach() @ layer.lora_A.detach()
+        rates = [abs(float(U[:, i] @ dw @ Vh[i])) / (float(S[i]) + 1e-8) for i in range(len(S))]
+        best = sorted(range(len(S)), key=lambda i: -rates[i])[:3]
+        torch.testing.assert_close(layer.dash_U, U[:, best])
+        torch.testing.assert_close(layer.dash_Vh, Vh[best])
+
+
+def test_dash_delta_trains_only_after_launch_with_the_same_optimizer():
+    model, opt = _trained_dash(steps=2)
+    assert torch.all(model.up.dash_delta == 0)  # zero gradient before the launch
+    dp.launch_dash(model)
+    model(torch.randn(8, 24)).pow(2).mean().backward()
+    assert model.up.dash_delta.grad.abs().sum() > 0
+    opt.step()
+    assert model.up.dash_delta.abs().sum() > 0
+    up, down = model.up.low_rank_factors(1.0)
+    assert up.shape[1] == 2 + 3  # rank r + s: exportable as LoRA
+    torch.testing.assert_close(up @ down, model.up.delta_weight())
+
+
+def test_dash_step_launches_at_warmup_and_reload_keeps_phase(tmp_path):
+    model, _ = _trained_dash(steps=0, warmup_steps=4)
+    assert dp.dash_step(model, 3) == [] and not dp.is_dash_active(model)
+    assert dp.dash_step(model, 4) == ["up", "down"]
+    with torch.no_grad():
+        model.up.dash_delta.fill_(0.3)
+    dp.save_adapter(model, tmp_path)
+    fresh = build("mlp")
+    dp.load_adapter(fresh, tmp_path)
+    assert dp.is_dash_active(fresh) and dp.dash_step(fresh, 10) == []
+    torch.testing.assert_close(fresh.up.dash_U, model.up.dash_U, rtol=0, atol=0)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_dash_trainer_callback_uses_optimizer_steps():
+    model, _ = _trained_dash(steps=0, warmup_steps=2)
+    cb = dp.DashCallback()
+    cb.on_step_end(None, SimpleNamespace(global_step=1), None, model=model)
+    assert not dp.is_dash_active(model)
+    cb.on_step_end(None, SimpleNamespace(global_step=2), None, model=model)
+    assert dp.is_dash_active(model)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_directions": 0}, "n_directions must be >= 1"),
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+])
+def test_dash_invalid_config(kwargs, match):
+    with pytest.raises(dp.ConfigError, match=match):
+        dp.LoRADashConfig(**kwargs)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: dp.FourierFTConfig(init="uniform"), r"init = 'uniform' is not a valid choice"),
+    (lambda: dp.FourierFTConfig(n_frequency=0), "n_frequency must be >= 1"),
+    (lambda: dp.MoRAConfig(mora_type=5), r"mora_type = 5 is not a valid choice among 1, 2, 3, 4, 6"),
+])
+def test_other_invalid_configs(make, match):
+    with pytest.raises(dp.ConfigError, match=match):
+        make()
