@@ -47,8 +47,8 @@ def test_fourierft_closed_form(d_out, d_in):
 @pytest.mark.parametrize("d_out,d_in", [(33, 47), (64, 64), (40, 90)])
 def test_fourierft_gradient_matches_autograd_through_ifft2(d_out, d_in):
     layer = _layer(FourierFTLayer, d_out, d_in, dp.FourierFTConfig(n_frequency=300, scaling=150.0))
-    g = torch.randn(d_out, d_in)
-    (layer.delta_weight() * g).sum().backward()
+    g = torch.randn(d_in, d_out).T  # non-contiguous, as weight gradients arrive on CUDA
+    layer.delta_weight().backward(g)
     spec = layer.spectrum.detach().clone().requires_grad_()
     dense = torch.zeros(d_out, d_in, dtype=torch.complex64)
     dense = dense.index_put((layer.indices[0], layer.indices[1]), spec.to(torch.complex64))
@@ -154,6 +154,24 @@ def test_mora_forward_equals_explicit_delta(t, d_out, d_in):
         layer.M.copy_(torch.randn_like(layer.M) / layer.r_hat)
         dw = layer.delta_weight()
         torch.testing.assert_close(layer.adapter_forward(x), x @ dw.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", MORA_TYPES)
+@pytest.mark.parametrize("d_out,d_in", [(640, 640), (53, 37), (37, 53), (90, 20), (1280, 2048)])
+def test_mora_gradients_equal_the_explicit_delta_gradients(t, d_out, d_in):
+    r = 8 if d_out > 100 else 2
+    layer = MoRALayer(nn.Linear(d_in, d_out, bias=False), dp.MoRAConfig(r=r, mora_type=t))
+    with torch.no_grad():
+        layer.M.copy_(torch.randn_like(layer.M) / layer.r_hat)
+    x, g = torch.randn(3, 4, d_in), torch.randn(3, 4, d_out)
+    grads = []
+    for fn in (layer.adapter_forward, lambda v: v @ layer.delta_weight().T):
+        xi = x.clone().requires_grad_()
+        fn(xi).backward(g)
+        grads.append((xi.grad, layer.M.grad.clone()))
+        layer.M.grad = None
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
 
 
 def test_mora_rank_rounding():

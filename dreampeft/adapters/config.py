@@ -21,8 +21,8 @@ CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def option(default: Any, help: str, **kw) -> Any:
     """A dataclass field with its help text (shown by the CLI and the app)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 

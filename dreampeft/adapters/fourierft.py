@@ -81,7 +81,8 @@ class _SpectrumToDelta(torch.autograd.Function):
     def backward(ctx, grad):
         (gather_pos,) = ctx.saved_tensors
         d_out, d_in = grad.shape
-        real = torch.view_as_real(torch.fft.rfft2(grad.float())).view(-1, 2)[:, 0]
+        # reshape, not view: the weight gradient often arrives transposed (seen on CUDA)
+        real = torch.fft.rfft2(grad.float()).real.reshape(-1)
         return real[gather_pos] * (ctx.scaling / (d_out * d_in)), None, None, None, None, None
 
 

@@ -47,6 +47,62 @@ def _chunk_sizes(n: int, k: int) -> list[int]:
     return [n // k + 1] * (n % k) + [n // k] * (k - n % k)
 
 
+def padded_blocks(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The wrap-around padded input as (full blocks, last block): the full blocks are a view of
+    ``x`` (no copy of the activations); only the last, padded block is materialised."""
+    d_in, lead = x.shape[-1], x.shape[:-1]
+    n_full, rem = divmod(d_in, r)
+    full = x[..., : n_full * r].unflatten(-1, (n_full, r))
+    if rem == 0:
+        return full, None
+    return full, torch.cat([x[..., n_full * r:], x[..., : r - rem]], dim=-1)
+
+
+def _rotate_into(out: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """out = v·cos + rot_half(v)·sin, written half by half (rot_half(v) = [-v2, v1])."""
+    h = v.shape[-1] // 2
+    v1, v2, c, s = v[..., :h], v[..., h:], cos[..., :h], sin[..., :h]
+    torch.mul(v1, c, out=out[..., :h]).addcmul_(v2, s, value=-1.0)
+    torch.mul(v2, c, out=out[..., h:]).addcmul_(v1, s)
+
+
+class _RotateBlocks(torch.autograd.Function):
+    """Type-6 compress: pad, split into n_in blocks and rotate block b by b·θ, in one pass.
+
+    Linear in x with a known adjoint (Rᵀ is the rotation by -θ, then the pad folds back onto the
+    first columns), so nothing is saved for backward and no intermediate is materialised.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, n_in):
+        r = cos.shape[-1]
+        full, last = padded_blocks(x, r)
+        out = x.new_empty(*x.shape[:-1], n_in, r)
+        n_full = full.shape[-2]
+        _rotate_into(out[..., :n_full, :], full, cos[:n_full], sin[:n_full])
+        if last is not None:
+            _rotate_into(out[..., n_full, :], last, cos[n_full], sin[n_full])
+        ctx.save_for_backward(cos, sin)
+        ctx.d_in = x.shape[-1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        d_in, r = ctx.d_in, cos.shape[-1]
+        n_full, rem = divmod(d_in, r)
+        grad = grad.contiguous()
+        gx = grad.new_empty(*grad.shape[:-2], d_in)
+        _rotate_into(gx[..., : n_full * r].unflatten(-1, (n_full, r)), grad[..., :n_full, :],
+                     cos[:n_full], -sin[:n_full])
+        if rem:
+            g_last = torch.empty_like(grad[..., n_full, :])
+            _rotate_into(g_last, grad[..., n_full, :], cos[n_full], -sin[n_full])
+            gx[..., n_full * r:] = g_last[..., :rem]
+            gx[..., : r - rem] += g_last[..., rem:]
+        return gx, None, None, None
+
+
 @register_method
 class MoRALayer(AdapterLayer):
     config_cls = MoRAConfig
@@ -86,20 +142,16 @@ class MoRALayer(AdapterLayer):
             head = x[..., : m * long].reshape(*lead, m, long).sum(-1)
             tail = x[..., m * long:].reshape(*lead, r - m, sizes[-1]).sum(-1)
             return torch.cat([head, tail], dim=-1)
-        if self.pad_index.numel() != self.in_features:
-            x = x.index_select(-1, self.pad_index)
-        blocks = x.reshape(*lead, self.n_in, r)
         if t in (1, 4):
-            return blocks.sum(-2)
-        half = r // 2  # type 6: rotate block b by b·θ (block 0 unrotated)
-        rotated = torch.cat([-blocks[..., half:], blocks[..., :half]], dim=-1)
-        return blocks * self.cos + rotated * self.sin
+            full, last = padded_blocks(x, r)
+            return full.sum(-2) + last if last is not None else full.sum(-2)
+        return _RotateBlocks.apply(x, self.cos, self.sin, self.n_in)
 
     def decompress(self, z: torch.Tensor) -> torch.Tensor:
         if self.config.mora_type == 6:
             z = z.flatten(-2)
-        if z.shape[-1] == self.out_features and self.config.mora_type in (1, 3, 6):
-            return z  # the tile index is the identity
+        if self.config.mora_type in (1, 3, 6) and z.shape[-1] >= self.out_features:
+            return z[..., : self.out_features]  # tiling that only truncates: a view
         return z.index_select(-1, self.out_index)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:

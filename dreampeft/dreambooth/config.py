@@ -1,0 +1,138 @@
+"""DreamBoothConfig: every option of a run, validated; the CLI and the app are built from it.
+
+Flag names follow diffusers' ``train_dreambooth_lora_sdxl.py`` wherever that script has the option.
+Adapter options are not repeated here: they come from each method's config dataclass (their
+``cli`` metadata), so ``--rank`` or ``--n_frequency`` exist exactly once, where they are defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
+from ..adapters.config import check_fields, option, require
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass
+class DreamBoothConfig:
+    # -- inputs
+    pretrained_model_name_or_path: str = option("", "hub id or local folder of an SDXL pipeline")
+    pretrained_vae_model_name_or_path: str | None = option(None, "optional replacement VAE (hub id or folder)")
+    revision: str | None = option(None, "hub revision of the model")
+    instance_data_dir: str = option("", "folder of subject images (optional NAME.txt caption beside NAME.png)")
+    instance_prompt: str = option("", "prompt with the identifier, e.g. 'a photo of sks dog'")
+    output_dir: str = option("dreambooth-out", "where adapters, checkpoints and samples go")
+    # -- adapter
+    adapter: Literal["lora", "lora_dash", "fourierft", "mora"] = option("lora", "adapter method")
+    adapter_options: dict = option({}, "method options (set by their own flags, e.g. --rank)")
+    unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt")
+    train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
+    text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
+    text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
+    # -- prior preservation
+    with_prior_preservation: bool = option(False, "add the class-prior loss (needs --class_prompt)")
+    class_prompt: str | None = option(None, "prompt of the subject's class, e.g. 'a photo of a dog'")
+    class_data_dir: str | None = option(None, "class images; missing ones are generated here")
+    num_class_images: int = option(100, "class images to use (generated if fewer exist)")
+    prior_loss_weight: float = option(1.0, "weight of the class-prior loss")
+    sample_batch_size: int = option(4, "batch size when generating class images")
+    # -- data
+    resolution: int = option(1024, "training resolution (square)")
+    center_crop: bool = option(False, "center-crop instead of a random crop")
+    random_flip: bool = option(False, "flip horizontally with probability 0.5, drawn every step")
+    # -- optimisation
+    train_batch_size: int = option(1, "instance images per device per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    max_train_steps: int | None = option(None, "optimizer steps (overrides --num_train_epochs)")
+    num_train_epochs: int = option(1, "epochs over the instance images when --max_train_steps is unset")
+    learning_rate: float = option(1e-4, "adapter learning rate (FourierFT wants 1e-2 or more)")
+    lr_scheduler: Literal[SCHEDULERS] = option("constant", "learning-rate schedule")
+    lr_warmup_steps: int = option(0, "warm-up steps of the schedule")
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = option("adamw", "optimizer; adamw8bit needs "
+                                                                    "bitsandbytes, prodigy needs prodigyopt")
+    adam_beta1: float = option(0.9, "Adam β1")
+    adam_beta2: float = option(0.999, "Adam β2")
+    adam_weight_decay: float = option(1e-4, "weight decay of the adapter parameters")
+    adam_epsilon: float = option(1e-8, "Adam ε")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 disables)")
+    snr_gamma: float | None = option(None, "min-SNR loss weighting γ (5.0 is the paper's)")
+    noise_offset: float = option(0.0, "noise offset (0.0357 is a common value)")
+    seed: int = option(0, "seed of everything random in the run")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "frozen weights in this dtype; "
+                                                            "adapters stay float32")
+    gradient_checkpointing: bool = option(False, "recompute UNet activations to save memory")
+    # -- validation, checkpoints, progress
+    validation_prompt: str | None = option(None, "prompt of the validation images")
+    num_validation_images: int = option(2, "images per validation")
+    validation_steps: int = option(0, "validate every N steps (0: only at the end, if a prompt is given)")
+    validation_inference_steps: int = option(25, "denoising steps of validation images")
+    checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
+    checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'")
+    events: str | None = option(None, "write JSON-lines progress events to this file")
+    export_formats: list[str] = option(["native"], "outputs written at the end (native is always written)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.adapter not in METHODS:
+            raise ConfigError(f"--adapter {self.adapter!r}: choose one of {sorted(METHODS)}")
+        require(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")
+        require(bool(self.instance_data_dir), "--instance_data_dir is required")
+        require(bool(self.instance_prompt.strip()), "--instance_prompt is required, e.g. 'a photo of sks dog'")
+        require(self.resolution >= 8 and self.resolution % 8 == 0,
+                f"--resolution {self.resolution}: use a positive multiple of 8")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                     "num_validation_images", "sample_batch_size"):
+            require(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        require(self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1")
+        require(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
+        if self.with_prior_preservation:
+            require(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt")
+            require(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir")
+        else:
+            require(self.class_prompt is None and self.class_data_dir is None,
+                    "--class_prompt/--class_data_dir only apply with --with_prior_preservation")
+        require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+                "--checkpoints_total_limit must be >= 1")
+        self.adapter_config("unet")  # validates the method options now, not mid-run
+
+    def adapter_config(self, component: str = "unet") -> AdapterConfig:
+        """The method config for ``component`` ("unet" or a text encoder)."""
+        cls = get_method(self.adapter).config_cls
+        known = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(self.adapter_options) - known)
+        if extra:
+            raise ConfigError(f"adapter option(s) {extra} do not apply to --adapter {self.adapter}")
+        targets = self.unet_target_modules if component == "unet" else self.text_encoder_target_modules
+        return cls(**self.adapter_options, target_modules=list(targets))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "DreamBoothConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s) {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def adapter_option_fields() -> dict[str, list[tuple[type, dataclasses.Field]]]:
+    """CLI flag → [(method config class, field)] over every method (targets excluded)."""
+    skip = {f.name for f in dataclasses.fields(AdapterConfig)}
+    flags: dict[str, list] = {}
+    for method in METHODS.values():
+        for f in dataclasses.fields(method.config_cls):
+            if f.name not in skip:
+                flags.setdefault(f.metadata.get("cli", "--" + f.name), []).append((method.config_cls, f))
+    return flags
