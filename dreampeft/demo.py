@@ -19,19 +19,10 @@ from PIL import Image, ImageDraw
 
 import dreampeft as dp
 from dreampeft.tiny import save_tiny_sdxl
+from dreampeft.utils import quiet_libraries
 
 PROMPT = "a photo of sks toy"
 DEMO_CONFIGS = {"lora": lambda: dp.LoRAConfig(r=4)}
-
-
-def quiet_libraries() -> None:
-    """Hide per-component loading bars and the torchvision notice; our table is the output."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
 
 
 def subject_image(size: int = 64) -> Image.Image:

@@ -71,12 +71,11 @@ class DreamBoothConfig:
     validation_prompt: str | None = option(None, "prompt of the validation images")
     num_validation_images: int = option(2, "images per validation")
     validation_steps: int = option(0, "validate every N steps (0: only at the end, if a prompt is given)")
-    validation_inference_steps: int = option(25, "denoising steps of validation images")
+    inference_steps: int = option(25, "denoising steps of validation and generated class images")
     checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'")
     events: str | None = option(None, "write JSON-lines progress events to this file")
-    export_formats: list[str] = option(["native"], "outputs written at the end (native is always written)")
 
     def __post_init__(self) -> None:
         check_fields(self)

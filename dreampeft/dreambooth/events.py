@@ -1,0 +1,38 @@
+"""Structured progress: one JSON object per line (start, step, validation, checkpoint, done, error).
+
+The CLI renders the same information as a tqdm bar; the app tails the file to show live progress.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class EventLog:
+    def __init__(self, path: str | Path | None, enabled: bool = True):
+        self._file = None
+        if path and enabled:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1, encoding="utf-8")
+
+    def emit(self, event: str, **fields) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """All complete events in ``path`` (a partially written last line is skipped)."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

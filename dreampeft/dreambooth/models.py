@@ -1,0 +1,83 @@
+"""Loading the SDXL components and encoding prompts the way SDXL was trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DreamBoothConfig
+from .data import DreamBoothError
+
+
+@dataclass
+class SDXLParts:
+    tokenizers: list
+    text_encoders: list  # [CLIPTextModel, CLIPTextModelWithProjection]
+    vae: object
+    unet: object
+    noise_scheduler: object  # DDPM, for training
+
+
+def _load(cls, path: str, flag: str, **kw):
+    try:
+        return cls.from_pretrained(path, **kw)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        hint = ("it is not a local folder, and the hub could not be reached or has no such model"
+                if not Path(path).exists() else "the folder is not a complete SDXL pipeline")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DreamBoothError(f"{flag} {path}: cannot load {kw.get('subfolder', 'model')} ({hint}: "
+                              f"{first})") from None
+
+
+def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    path, flag, rev = cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cfg.revision
+    local = Path(path)
+    if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").exists():
+        what = "does not exist" if not local.exists() else "has no model_index.json"
+        raise DreamBoothError(f"{flag} {path}: {what}; pass an SDXL pipeline folder or a hub id "
+                              "(offline demo: python -m dreampeft.tiny sdxl DIR)")
+    tokenizers = [_load(AutoTokenizer, path, flag, subfolder=s, revision=rev) for s in ("tokenizer", "tokenizer_2")]
+    encoders = [_load(CLIPTextModel, path, flag, subfolder="text_encoder", revision=rev),
+                _load(CLIPTextModelWithProjection, path, flag, subfolder="text_encoder_2", revision=rev)]
+    if cfg.pretrained_vae_model_name_or_path:
+        vae = _load(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
+    else:
+        vae = _load(AutoencoderKL, path, flag, subfolder="vae", revision=rev)
+    unet = _load(UNet2DConditionModel, path, flag, subfolder="unet", revision=rev)
+    scheduler = _load(DDPMScheduler, path, flag, subfolder="scheduler", revision=rev)
+    for m in (*encoders, vae, unet):
+        m.requires_grad_(False)
+    return SDXLParts(tokenizers, encoders, vae, unet, scheduler)
+
+
+def tokenize(parts: SDXLParts, prompts: list[str]) -> list[torch.Tensor]:
+    return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids for tok in parts.tokenizers]
+
+
+def encode_prompts(parts: SDXLParts, token_ids: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning: penultimate hidden states of both encoders side by side, and the second
+    encoder's projected pooled embedding (as diffusers' SDXL training script)."""
+    hidden = []
+    for encoder, ids in zip(parts.text_encoders, token_ids):
+        out = encoder(ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out.text_embeds
+
+
+def build_pipeline(cfg: DreamBoothConfig, parts: SDXLParts, unet=None, text_encoders=None):
+    """An SDXL pipeline on the training components (only the scheduler is read from disk)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    te = text_encoders or parts.text_encoders
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        cfg.pretrained_model_name_or_path, revision=cfg.revision, vae=parts.vae,
+        unet=unet or parts.unet, text_encoder=te[0], text_encoder_2=te[1],
+        tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,352 @@
+"""The DreamBooth training loop for SDXL, through accelerate (1 or N processes, CPU or GPU).
+
+Read ``train`` top to bottom: set up, maybe resume, then per optimizer step: accumulate
+micro-batches, clip, step, LoRA-Dash launch check, events, checkpoint, validation; at the end
+save the adapters. Everything random in step k is drawn from generators keyed by (seed, k, rank),
+so a resumed run continues exactly where the interrupted one was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import inject
+from ..adapters import dash_step
+from ..state import save_adapter
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import DreamBoothConfig
+from .data import BatchPlan, DreamBoothError, Example, augment, generator, scan_folder
+from .events import EventLog
+from .models import SDXLParts, build_pipeline, encode_prompts, load_parts, tokenize
+from .prior import generate_class_images
+
+
+def _adamw(cfg, groups):
+    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def _adamw8bit(cfg, groups):
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise DreamBoothError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; "
+                              "CUDA only); or use --optimizer adamw") from None
+    return bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+
+
+def _prodigy(cfg, groups):
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise DreamBoothError("--optimizer prodigy needs prodigyopt (pip install prodigyopt); "
+                              "or use --optimizer adamw") from None
+    return Prodigy(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
+
+
+OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy}
+
+
+@dataclass
+class Run:
+    cfg: DreamBoothConfig
+    acc: object
+    parts: SDXLParts
+    trained: dict  # component name → prepared (maybe DDP-wrapped) module with adapters
+    optimizer: object = None
+    lr_scheduler: object = None
+    instance: list[Example] = field(default_factory=list)
+    klass: list[Example] = field(default_factory=list)
+    plan: BatchPlan = None
+    total_steps: int = 0
+    latents: dict = field(default_factory=dict)  # cache of deterministic views
+    prompts: dict = field(default_factory=dict)  # cache of frozen-encoder embeddings
+
+    @property
+    def device(self):
+        return self.acc.device
+
+    def unwrapped(self) -> dict:
+        return {name: self.acc.unwrap_model(m) for name, m in self.trained.items()}
+
+
+def make_accelerator(cfg: DreamBoothConfig):
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise DreamBoothError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    # hidden_states[-2] leaves the last CLIP layer's adapters without gradient: DDP must know
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[ddp])
+
+
+def setup(cfg: DreamBoothConfig, acc) -> Run:
+    from diffusers.optimization import get_scheduler
+
+    instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, "--instance_data_dir")
+    parts = load_parts(cfg)
+    klass = []
+    if cfg.with_prior_preservation:
+        if acc.is_main_process:
+            generate_class_images(cfg, build_pipeline(cfg, parts), acc.device)
+        acc.wait_for_everyone()
+        klass = scan_folder(cfg.class_data_dir, cfg.class_prompt, "--class_data_dir")[: cfg.num_class_images]
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    parts.vae.to(acc.device)  # the VAE stays float32: SDXL's VAE overflows in fp16
+    trained = {"unet": parts.unet}
+    parts.unet.to(acc.device, dtype)  # cast before injection: adapters are created in float32
+    _inject(cfg, parts.unet, "unet")
+    for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+        enc.to(acc.device, dtype)
+        if cfg.train_text_encoder:
+            _inject(cfg, enc, name)
+            trained[name] = enc
+    if cfg.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        for name in trained.keys() - {"unet"}:
+            trained[name].gradient_checkpointing_enable()
+    groups = [{"params": list(inject.adapter_parameters(m)),
+               "lr": cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)}
+              for name, m in trained.items()]
+    run = Run(cfg, acc, parts, trained, instance=instance, klass=klass)
+    run.plan = BatchPlan(len(instance), len(klass), cfg.train_batch_size, acc.num_processes, cfg.seed)
+    per_epoch = math.ceil(run.plan.micro_batches_per_epoch / cfg.gradient_accumulation_steps)
+    run.total_steps = cfg.max_train_steps or cfg.num_train_epochs * per_epoch
+    optimizer = OPTIMIZERS[cfg.optimizer](cfg, groups)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                              num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=run.total_steps)
+    names = list(trained)
+    prepared = acc.prepare(*[trained[n] for n in names], optimizer, scheduler)
+    run.trained = dict(zip(names, prepared[: len(names)]))
+    run.optimizer, run.lr_scheduler = prepared[len(names):]
+    return run
+
+
+def _inject(cfg: DreamBoothConfig, model, component: str) -> None:
+    # Adapter init (LoRA's A, FourierFT's spectrum) draws from the global RNG: seed it per
+    # component, so two runs with one seed start from the same adapters.
+    torch.manual_seed(generator(cfg.seed, 5, COMPONENTS.index(component)).initial_seed())
+    try:
+        inject.inject_adapters(model, cfg.adapter_config(component))
+    except (ValueError, TypeError) as exc:
+        flag = "--unet_target_modules" if component == "unet" else "--text_encoder_target_modules"
+        raise DreamBoothError(f"{flag}: {exc}") from None
+
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+INSTANCE, CLASS, FRESH = 0, 1, 2  # integer tags: view keys must hash the same in every process
+
+
+@torch.no_grad()
+def _encode_view(run: Run, pixels: torch.Tensor, key: tuple[int, ...], cache: bool) -> torch.Tensor:
+    """VAE latent of one view. The posterior sample is drawn from a generator keyed by the view,
+    so a cached latent is exactly what encoding again would give."""
+    if cache and key in run.latents:
+        return run.latents[key]
+    vae = run.parts.vae
+    dist = vae.encode(pixels[None].to(run.device, vae.dtype)).latent_dist
+    noise = torch.randn(dist.mean.shape, generator=generator(run.cfg.seed, 11, *key)).to(run.device)
+    latent = (dist.mean + dist.std * noise) * vae.config.scaling_factor
+    if cache:
+        run.latents[key] = latent
+    return latent
+
+
+def batch_inputs(run: Run, micro: int, g: torch.Generator):
+    """Latents, prompt embeddings, pooled embeddings and time ids of one micro-batch (instance
+    examples first, then their class examples)."""
+    cfg, pairs = run.cfg, run.plan.micro_batch(micro, run.acc.process_index)
+    chosen = [(INSTANCE, i, run.instance[i]) for i, _ in pairs]
+    chosen += [(CLASS, c, run.klass[c]) for _, c in pairs if c is not None]
+    latents, time_ids, prompts = [], [], []
+    for role, idx, ex in chosen:
+        flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
+        view = augment(ex.image, cfg.resolution, cfg.center_crop, flip, g)
+        if view.key is not None:  # deterministic view: encoded once, then cached
+            latents.append(_encode_view(run, view.pixels, (role, idx, *view.key), cache=True))
+        else:  # a random crop is a fresh view every time
+            latents.append(_encode_view(run, view.pixels, (FRESH, role, idx, micro), cache=False))
+        time_ids.append(view.time_ids)
+        prompts.append(ex.prompt)
+    embeds, pooled = _prompt_embeddings(run, prompts)
+    return torch.cat(latents), embeds, pooled, torch.stack(time_ids).to(run.device)
+
+
+def _prompt_embeddings(run: Run, prompts: list[str]):
+    if run.cfg.train_text_encoder:
+        ids = tokenize(run.parts, prompts)
+        encoders = [run.trained["text_encoder"], run.trained["text_encoder_2"]]
+        return encode_prompts(SDXLParts(run.parts.tokenizers, encoders, None, None, None), ids, run.device)
+    for p in set(prompts) - run.prompts.keys():
+        with torch.no_grad():
+            run.prompts[p] = encode_prompts(run.parts, tokenize(run.parts, [p]), run.device)
+    embeds, pooled = zip(*(run.prompts[p] for p in prompts))
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def compute_loss(run: Run, micro: int) -> torch.Tensor:
+    cfg, sched = run.cfg, run.parts.noise_scheduler
+    g = generator(cfg.seed, micro, run.acc.process_index)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))  # adapter dropout, exactly
+    latents, embeds, pooled, time_ids = batch_inputs(run, micro, g)
+    noise = torch.randn(latents.shape, generator=g)
+    if cfg.noise_offset:
+        noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
+    noise = noise.to(run.device)
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(run.device)
+    noisy = sched.add_noise(latents, noise, t)
+    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    unet_dtype = run.parts.unet.dtype
+    with run.acc.autocast():
+        pred = run.trained["unet"](noisy.to(unet_dtype), t, embeds.to(unet_dtype), added_cond_kwargs={
+            "text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(unet_dtype)}).sample
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(sched, t)  # min-SNR-γ (Hang et al. 2023), as diffusers weights it
+        denominator = snr if sched.config.prediction_type == "epsilon" else snr + 1
+        per_example = per_example * torch.clamp(snr, max=cfg.snr_gamma) / denominator
+    if not run.klass:
+        return per_example.mean()
+    inst, prior = per_example.chunk(2)
+    return inst.mean() + cfg.prior_loss_weight * prior.mean()
+
+
+def train_step(run: Run, step: int) -> float:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
+    accum, total = run.cfg.gradient_accumulation_steps, torch.zeros((), device=run.device)
+    for k in range(accum):
+        with contextlib.ExitStack() as stack:
+            if k < accum - 1:  # gradients are all-reduced once, on the last micro-batch
+                for m in run.trained.values():
+                    stack.enter_context(run.acc.no_sync(m))
+            loss = compute_loss(run, step * accum + k)
+            run.acc.backward(loss / accum)
+        total += loss.detach() / accum
+    if run.cfg.max_grad_norm > 0:
+        params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        run.acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    run.optimizer.step()
+    run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return run.acc.reduce(total, reduction="mean").item()  # the loss of all processes
+
+
+@torch.no_grad()
+def validate(run: Run, step: int, events: EventLog) -> list[str]:
+    cfg, models = run.cfg, run.unwrapped()
+    encoders = [models.get("text_encoder", run.parts.text_encoders[0]),
+                models.get("text_encoder_2", run.parts.text_encoders[1])]
+    pipe = build_pipeline(cfg, run.parts, unet=models["unet"], text_encoders=encoders)
+    out = Path(cfg.output_dir) / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(cfg.num_validation_images):
+        with run.acc.autocast():
+            image = pipe(cfg.validation_prompt, num_inference_steps=cfg.inference_steps,
+                         height=cfg.resolution, width=cfg.resolution,
+                         generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
+        path = out / f"step-{step:06d}-{i}.png"
+        image.save(path)
+        paths.append(str(path))
+    events.emit("validation", step=step, images=paths, prompt=cfg.validation_prompt)
+    return paths
+
+
+def _checkpoint(run: Run, step: int, events: EventLog) -> None:
+    run.acc.wait_for_everyone()
+    if run.acc.is_main_process:
+        path = save_checkpoint(Path(run.cfg.output_dir), step, run.unwrapped(), run.optimizer,
+                               run.lr_scheduler, run.acc.scaler, json.dumps(run.cfg.to_dict(), indent=2),
+                               run.cfg.checkpoints_total_limit)
+        events.emit("checkpoint", step=step, path=str(path))
+    run.acc.wait_for_everyone()
+
+
+def _resume(run: Run) -> int:
+    spec = run.cfg.resume_from_checkpoint
+    if not spec:
+        return 0
+    path = resolve_checkpoint(Path(run.cfg.output_dir), spec)
+    if path is None:  # 'latest' with nothing saved yet: a fresh start, as diffusers does
+        return 0
+    return load_checkpoint(path, run.unwrapped(), run.optimizer, run.lr_scheduler, run.acc.scaler)
+
+
+def _due(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(cfg: DreamBoothConfig) -> Path:
+    """Run DreamBooth; returns the output folder holding the adapters."""
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
+    acc = make_accelerator(cfg)
+    events = EventLog(cfg.events, enabled=acc.is_main_process)
+    try:
+        run = setup(cfg, acc)
+        start = _resume(run)
+        events.emit("start", total_steps=run.total_steps, start_step=start, adapter=cfg.adapter,
+                    trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
+                    processes=acc.num_processes)
+        bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
+        for step in range(start, run.total_steps):
+            loss = train_step(run, step)
+            done = step + 1
+            launched = [n for m in run.unwrapped().values() for n in dash_step(m, done)]
+            lr = run.lr_scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update()
+            events.emit("step", step=done, loss=loss, lr=lr, **({"dash_launched": len(launched)} if launched else {}))
+            if _due(cfg.checkpointing_steps, done) and done < run.total_steps:
+                _checkpoint(run, done, events)
+            if cfg.validation_prompt and _due(cfg.validation_steps, done) and acc.is_main_process:
+                validate(run, done, events)
+        bar.close()
+        checksums = _rank_checksums(run)
+        if acc.is_main_process:
+            _finish(run, events, checksums)
+        acc.wait_for_everyone()
+        return out
+    except Exception as exc:
+        events.emit("error", message=str(exc), kind=type(exc).__name__)
+        raise
+    finally:
+        events.close()
+
+
+def _rank_checksums(run: Run) -> list[list[float]]:
+    """(sum, sum of squares) of every adapter tensor, from every process: replicas must agree."""
+    vals = [(p.detach().double().sum(), p.detach().double().pow(2).sum())
+            for m in run.unwrapped().values() for p in inject.adapter_parameters(m)]
+    local = torch.tensor([sum(v[0] for v in vals), sum(v[1] for v in vals)], dtype=torch.float64)
+    gathered = run.acc.gather(local.to(run.device)[None]).cpu().tolist()
+    if any(row != gathered[0] for row in gathered):
+        raise RuntimeError(f"adapter replicas diverged across processes: {gathered}")
+    return gathered
+
+
+def _finish(run: Run, events: EventLog, checksums: list) -> None:
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = save_adapter(
+        run.unwrapped(), out, extra_metadata={"base_model": cfg.pretrained_model_name_or_path,
+                                              "instance_prompt": cfg.instance_prompt,
+                                              "trained_steps": run.total_steps})
+    cfg.save(out / "dreambooth_config.json")
+    images = []
+    if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
+        images = validate(run, run.total_steps, events)
+    events.emit("done", output_dir=str(out), adapter=str(weights), images=images,
+                rank_checksums=checksums)
