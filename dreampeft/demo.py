@@ -1,9 +1,14 @@
-"""Offline demo: every registered adapter method on a tiny SDXL, end to end, in about a minute.
+"""Offline demo (`make demo`): DreamBooth with every adapter method on a tiny SDXL, end to end.
 
-For each method: inject into the UNet attention layers, fit a few denoising steps on one
-synthetic subject image, save the native adapter, reload it into a *fresh* pipeline loaded from
-disk, check that the reloaded and merged outputs agree, generate an image, and print a table.
-Everything is built locally (no download): ``python -m dreampeft.demo [--out DIR] [--steps N]``.
+For each method: train on the bundled subject images (``assets/subject``) through the real
+trainer, reload the saved adapter into a fresh ``StableDiffusionXLPipeline.from_pretrained`` of
+the model folder, generate with fixed seeds, then write an image grid (rows: base model and each
+method; columns: prompts) and print a summary table. No download: the tiny SDXL is built locally.
+
+The tiny model has random weights, so its images are noise: the demo shows that the whole path
+runs (train → save → reload → generate) and what each method costs, not subject fidelity.
+
+    python -m dreampeft.demo [--out demo_out] [--steps 30] [--methods lora,mora]
 """
 
 from __future__ import annotations
@@ -12,96 +17,89 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import dreampeft as dp
-from dreampeft.tiny import save_tiny_sdxl
+from dreampeft.dreambooth import DreamBoothConfig, train
+from dreampeft.dreambooth.events import read_events
+from dreampeft.tiny import ASSETS, save_tiny_sdxl
 from dreampeft.utils import quiet_libraries
 
-PROMPT = "a photo of sks toy"
-DEMO_CONFIGS = {"lora": lambda: dp.LoRAConfig(r=4)}
+SUBJECT = ASSETS / "subject"
+PROMPTS = ["a photo of sks toy", "a sks toy on a green background"]
+# Per-method settings for a 30-step demo; FourierFT needs a far larger learning rate (METHODS.md).
+DEMO_METHODS = {
+    "lora": {"options": {"r": 4}, "lr": 1e-3},
+    "lora_dash": {"options": {"r": 4, "warmup_steps": 10, "n_directions": 4}, "lr": 1e-3},
+    "fourierft": {"options": {"n_frequency": 500, "scaling": 50.0}, "lr": 5e-2},
+    "mora": {"options": {"r": 4, "mora_type": 6}, "lr": 1e-3},
+}
 
 
-def subject_image(size: int = 64) -> Image.Image:
-    img = Image.new("RGB", (size, size), (40, 70, 160))
-    ImageDraw.Draw(img).ellipse((14, 14, size - 14, size - 14), fill=(220, 40, 40))
-    return img
+def generate(pipe, prompts: list[str]) -> list[Image.Image]:
+    return [pipe(p, num_inference_steps=8, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0] for p in prompts]
 
 
-def load_pipe(model_dir: Path):
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def encode(pipe, image: Image.Image):
-    pixels = torch.from_numpy(np.array(image)).float().permute(2, 0, 1)[None] / 127.5 - 1
-    latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
-    time_ids = torch.tensor([[image.height, image.width, 0, 0, image.height, image.width]]).float()
-    return latents, embeds, {"text_embeds": pooled, "time_ids": time_ids}
+def grid(rows: list[list[Image.Image]], cell: int = 96) -> Image.Image:
+    out = Image.new("RGB", (cell * len(rows[0]), cell * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            out.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
+    return out
 
 
-def fit(pipe, method: str, steps: int, lr: float) -> tuple[list[float], float]:
-    unet = pipe.unet
-    dp.inject_adapters(unet, DEMO_CONFIGS[method]())
-    latents, embeds, added = encode(pipe, subject_image())
-    opt = torch.optim.AdamW(list(dp.adapter_parameters(unet)), lr=lr)
-    sched, g, losses, t0 = pipe.scheduler, torch.Generator().manual_seed(0), [], time.perf_counter()
-    unet.train()
-    for _ in range(steps):
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (1,), generator=g)
-        noisy = sched.add_noise(latents, noise, t)  # epsilon prediction, as SDXL
-        pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    unet.eval()
-    return losses, time.perf_counter() - t0
+def run_method(method: str, model_dir: Path, out: Path, steps: int) -> dict:
+    spec = DEMO_METHODS[method]
+    cfg = DreamBoothConfig(
+        pretrained_model_name_or_path=str(model_dir), instance_data_dir=str(SUBJECT),
+        instance_prompt=PROMPTS[0], output_dir=str(out / method), adapter=method,
+        adapter_options=spec["options"], learning_rate=spec["lr"], resolution=64,
+        random_flip=True, max_train_steps=steps, seed=0, events=str(out / method / "events.jsonl"))
+    (out / method / "events.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - t0
+    losses = [e["loss"] for e in read_events(out / method / "events.jsonl") if e["event"] == "step"]
+    first = read_events(out / method / "events.jsonl")[0]
+    return {"method": method, "trainable": first["trainable"], "seconds": seconds,
+            "file_kb": (out / method / "dreampeft_adapter.safetensors").stat().st_size / 1024,
+            "loss_first": sum(losses[:5]) / 5, "loss_last": sum(losses[-5:]) / 5}
 
 
 def main(argv: list[str] | None = None) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="training steps per method")
+    parser.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated methods")
     args = parser.parse_args(argv)
     quiet_libraries()
-    out = Path(args.out)
+    out, methods = Path(args.out), [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(DEMO_METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {sorted(DEMO_METHODS)}")
     model_dir = out / "tiny-sdxl"
     if not (model_dir / "model_index.json").exists():
         save_tiny_sdxl(model_dir, seed=0)
-    rows = []
-    for method in dp.METHODS:
-        if method not in DEMO_CONFIGS:
-            continue
-        pipe = load_pipe(model_dir)
-        losses, secs = fit(pipe, method, args.steps, lr=1e-3)
-        saved = dp.save_adapter({"unet": pipe.unet}, out / method)
-        fresh = load_pipe(model_dir)
-        dp.load_adapter({"unet": fresh.unet}, out / method)
-        gen = lambda p: p(PROMPT, num_inference_steps=4, height=64, width=64, output_type="pt",
-                          generator=torch.Generator().manual_seed(0)).images
-        reloaded = gen(fresh)
-        dp.merge_adapters(fresh.unet)
-        err = (gen(fresh) - reloaded).abs().max().item()
-        image = fresh.numpy_to_pil(reloaded.permute(0, 2, 3, 1).numpy())[0]
-        image.save(out / method / "sample.png")
-        rows.append((method, dp.trainable_parameter_count(pipe.unet), saved.stat().st_size,
-                     sum(losses[:5]) / 5, sum(losses[-5:]) / 5, secs, err))
-    print(f"\n{'method':<10} {'trainable':>9} {'file KB':>8} {'loss first5':>11} {'last5':>7} "
-          f"{'train s':>7} {'merge err':>9}")
-    for m, n, size, l0, l1, s, e in rows:
-        print(f"{m:<10} {n:>9,} {size / 1024:>8.1f} {l0:>11.4f} {l1:>7.4f} {s:>7.1f} {e:>9.1e}")
-    print(f"\nadapters, configs and samples in {out}/<method>/")
+    base = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    base.set_progress_bar_config(disable=True)
+    rows, table = [generate(base, PROMPTS)], []
+    for method in methods:
+        table.append(run_method(method, model_dir, out, args.steps))
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)  # fresh, from disk
+        pipe.set_progress_bar_config(disable=True)
+        dp.load_adapter({"unet": pipe.unet}, out / method)
+        rows.append(generate(pipe, PROMPTS))
+    grid(rows).save(out / "grid.png")
+    print(f"\n{'method':<10} {'trainable':>9} {'file KB':>8} {'loss first5':>11} {'last5':>7} {'train s':>7}")
+    for r in table:
+        print(f"{r['method']:<10} {r['trainable']:>9,} {r['file_kb']:>8.1f} {r['loss_first']:>11.4f} "
+              f"{r['loss_last']:>7.4f} {r['seconds']:>7.1f}")
+    print(f"\ngrid (rows: base, {', '.join(methods)}; columns: {PROMPTS}) → {out / 'grid.png'}")
+    print("adapters, configs, events: " + ", ".join(str(out / m) for m in methods))
 
 
 if __name__ == "__main__":

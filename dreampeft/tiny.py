@@ -38,7 +38,20 @@ def _clip_config(hidden: int, projection_dim: int = 32):
     )
 
 
-def build_tiny_sdxl(seed: int = 0):
+# UNet sizes: "tiny" for tests (16 attention modules), "medium" for benchmarks: SDXL's layout
+# (no attention at the first level, 1 then 2 transformer layers deeper) at 1/10 of its widths.
+UNET_SIZES = {
+    "tiny": dict(block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2)),
+    "medium": dict(block_out_channels=(32, 64, 128), layers_per_block=2, attention_head_dim=(2, 4, 8),
+                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                   transformer_layers_per_block=(1, 1, 2)),
+}
+
+
+def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
     """A StableDiffusionXLPipeline with random weights, deterministic from ``seed``."""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
@@ -46,11 +59,8 @@ def build_tiny_sdxl(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8, use_linear_projection=True,
+        **UNET_SIZES[size],
         cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ,
@@ -74,9 +84,9 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
-def save_tiny_sdxl(out_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     out = Path(out_dir)
-    build_tiny_sdxl(seed).save_pretrained(out)
+    build_tiny_sdxl(seed, size).save_pretrained(out)
     return out
 
 
@@ -138,12 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=["sdxl", "llama", "vit"])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(UNET_SIZES), default="tiny", help="SDXL UNet size")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
         parser.error(f"{out} exists and is not empty; choose a new folder or delete it first")
     if args.kind == "sdxl":
-        save_tiny_sdxl(out, args.seed)
+        save_tiny_sdxl(out, args.seed, args.size)
     elif args.kind == "llama":
         save_pair(build_tiny_llama(args.seed), out)
     else:

@@ -3,7 +3,9 @@ text-encoder training, exact resume, two processes, and each kind of bad input."
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import dreampeft as dp
+from dreampeft.dreambooth import DreamBoothConfig
 from dreampeft.dreambooth.events import read_events
 from dreampeft.tiny import save_tiny_sdxl
 
@@ -94,8 +97,7 @@ def test_cli_subprocess_and_config_file(tiny_sdxl, instance_dir, tmp_path):
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "adapters saved in" in res.stdout
-    saved = dp.dreambooth.DreamBoothConfig.from_dict(
-        __import__("json").loads((out / "dreambooth_config.json").read_text()))
+    saved = DreamBoothConfig.from_dict(json.loads((out / "dreambooth_config.json").read_text()))
     assert saved.adapter == "mora" and saved.adapter_options == {"r": 2, "mora_type": 1}
     assert saved.max_train_steps == 2  # the flag overrode nothing in the file, and was kept
 
@@ -110,6 +112,16 @@ def test_prior_preservation_generates_class_images(tiny_sdxl, instance_dir, tmp_
     mtimes = [p.stat().st_mtime for p in class_dir.iterdir()]
     assert train_dreambooth.main(args + ["--output_dir", str(tmp_path / "out2")]) == 0
     assert [p.stat().st_mtime for p in class_dir.iterdir()] == mtimes  # reused, not regenerated
+
+
+def test_bf16_mixed_precision_keeps_adapters_float32(tiny_sdxl, instance_dir, tmp_path):
+    out = tmp_path / "out"
+    assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, out, "--mixed_precision", "bf16",
+                                           "--adapter", "lora_dash", "--dash_warmup_steps", "1")) == 0
+    tensors = _adapter_tensors(out)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith("dash_active")} == {torch.float32}
+    losses = [e["loss"] for e in read_events(out / "events.jsonl") if e["event"] == "step"]
+    assert len(losses) == 3 and all(l == l and l < 10 for l in losses)  # finite
 
 
 def test_text_encoder_training_saves_all_components(tiny_sdxl, instance_dir, tmp_path):
@@ -186,8 +198,11 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("class_without_prior", "only apply with --with_prior_preservation"),
     ("fp16_on_cpu", "fp16 needs a CUDA GPU"),
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),
+    ("no_bitsandbytes", "--optimizer adamw8bit needs bitsandbytes"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):
+    if case == "no_bitsandbytes" and __import__("importlib").util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed here")
     data, model, extra = instance_dir, tiny_sdxl, []
     if case == "missing_dir":
         data = tmp_path / "nope"
@@ -202,12 +217,13 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
     extra = {"bad_adapter": ["--adapter", "dora"], "no_match": ["--unet_target_modules", "to_qq"],
              "wrong_method_flag": ["--n_frequency", "10"], "class_without_prior": ["--class_prompt", "a toy"],
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
-             "bad_resume": ["--resume_from_checkpoint", str(tmp_path)]}.get(case, [])
+             "bad_resume": ["--resume_from_checkpoint", str(tmp_path)],
+             "no_bitsandbytes": ["--optimizer", "adamw8bit"]}.get(case, [])
     try:
         code = train_dreambooth.main(base_args(model, data, tmp_path / "out", *extra))
     except SystemExit as exc:  # argparse's own errors (invalid choice) exit with 2 too
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2
-    assert __import__("re").search(match, err), err
+    assert re.search(match, err), err
     assert "Traceback" not in err

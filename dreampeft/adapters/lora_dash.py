@@ -9,9 +9,10 @@ optimizer steps are counted (not forward calls); directions fill preallocated bu
 ``dash_active`` and the directions are saved, so a reloaded adapter resumes in its phase; the
 change rate divides by σ + eps.
 
-Forward: one concatenated low-rank product, up = [s·B | U], down = [A ; diag(δ)·Vh]. Before the
-launch U and Vh are zero, so the extra columns contribute nothing (and δ gets zero gradient)
-without a data-dependent branch, which would force a device sync on GPU.
+Forward: the LoRA product and the rank-s dash product, each fused into a GEMM-add. Before the
+launch U and Vh are zero, so the dash term contributes nothing (and δ gets zero gradient)
+without a data-dependent branch, which would force a device sync on GPU. For export the two
+combine into one rank r+s LoRA: up = [s·B | U], down = [A ; diag(δ)·Vh].
 """
 
 from __future__ import annotations
@@ -72,26 +73,26 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         down = torch.cat([self.lora_A, self.dash_Vh * (self.dash_delta[:, None] * scale)])
         return up, down
 
-    def _hidden(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        if isinstance(self.dropout, nn.Identity):
-            coef = torch.cat([self.dash_delta.new_full((self.config.r,), self.scaling * scale),
-                              self.dash_delta * scale])
-            return F.linear(x, torch.cat([self.lora_A, self.dash_Vh])) * coef
-        # dropout applies to the LoRA branch only
-        return torch.cat([self.lora_down(x, self.scaling * scale),
-                          F.linear(x, self.dash_Vh) * (self.dash_delta * scale)], dim=-1)
+    def _dash_down(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        # no dropout here: dropout belongs to the LoRA branch only
+        # .to: a model cast after injection (model.to(bf16)) casts these buffers too
+        g = F.linear(x, self.dash_Vh.to(x.dtype))
+        return g * (self.dash_delta if scale == 1.0 else self.dash_delta * scale)
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._hidden(x, 1.0), torch.cat([self.lora_B, self.dash_U], dim=1))
+        return (F.linear(self.lora_down(x, self.scaling), self.lora_B)
+                + F.linear(self._dash_down(x, 1.0), self.dash_U.to(x.dtype)))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if result.dtype != self.lora_B.dtype:
             return super().adapted_forward(x)
-        h = self._hidden(x, self.scale)
-        up = torch.cat([self.lora_B, self.dash_U], dim=1)
-        out = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), up.t())
-        return out.view(result.shape)
+        # Two fused GEMM-adds (5 ops, nothing concatenated): small layers are bound by op count.
+        flat = x.reshape(-1, self.in_features)
+        out = torch.addmm(result.reshape(-1, self.out_features),
+                          self.lora_down(flat, self.scaling * self.scale), self.lora_B.t())
+        up = self.dash_U.to(out.dtype).t()
+        return torch.addmm(out, self._dash_down(flat, self.scale), up).view(result.shape)
 
     @torch.no_grad()
     def launch(self) -> bool:

@@ -28,9 +28,13 @@ from .models import SDXLParts, build_pipeline, encode_prompts, load_parts, token
 from .prior import generate_class_images
 
 
+def _adam_kwargs(cfg: DreamBoothConfig) -> dict:
+    return {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
+            "eps": cfg.adam_epsilon}
+
+
 def _adamw(cfg, groups):
-    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    return torch.optim.AdamW(groups, **_adam_kwargs(cfg))
 
 
 def _adamw8bit(cfg, groups):
@@ -39,8 +43,7 @@ def _adamw8bit(cfg, groups):
     except ImportError:
         raise DreamBoothError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; "
                               "CUDA only); or use --optimizer adamw") from None
-    return bnb.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                               weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    return bnb.optim.AdamW8bit(groups, **_adam_kwargs(cfg))
 
 
 def _prodigy(cfg, groups):
@@ -80,11 +83,15 @@ class Run:
 
 def make_accelerator(cfg: DreamBoothConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
 
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise DreamBoothError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     # hidden_states[-2] leaves the last CLIP layer's adapters without gradient: DDP must know
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)
+    # accelerate keeps one AcceleratorState per process; a second train() in the same process
+    # (the demo, comparisons) may want another precision. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
                        kwargs_handlers=[ddp])
 

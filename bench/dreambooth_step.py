@@ -1,0 +1,106 @@
+"""DreamBooth training steps per second and peak memory, per method, on SDXL-architecture UNets.
+
+    python bench/dreambooth_step.py [--steps 10] [--out bench/results/dreambooth_step_cpu.md]
+
+Each (model size, resolution, method) runs in its own process (so peak memory is its own), as
+the real trainer's ``train_step`` after two warm-up steps, batch 1, frozen text encoders with
+cached embeddings and latents. Peak memory is the process's max RSS on CPU, the CUDA allocator's
+peak on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+METHODS = {"lora": {"r": 8}, "lora_dash": {"r": 8, "warmup_steps": 1, "n_directions": 8},
+           "fourierft": {"n_frequency": 1000, "scaling": 150.0}, "mora": {"r": 8, "mora_type": 6}}
+CASES = [("tiny", 64), ("tiny", 128), ("medium", 64), ("medium", 128)]
+
+
+def child(size: str, res: int, method: str, steps: int, workdir: Path) -> dict:
+    from dreampeft.dreambooth import DreamBoothConfig
+    from dreampeft.dreambooth.train import make_accelerator, setup, train_step
+    from dreampeft.tiny import ASSETS, save_tiny_sdxl
+    from dreampeft.utils import quiet_libraries
+
+    quiet_libraries()
+    model = workdir / f"sdxl-{size}"
+    if not (model / "model_index.json").exists():
+        save_tiny_sdxl(model, seed=0, size=size)
+    opts = dict(METHODS[method])
+    if method == "fourierft":  # n may not exceed the smallest adapted layer (32x32 = 1024 here)
+        opts["n_frequency"] = min(opts["n_frequency"], 1000)
+    cfg = DreamBoothConfig(pretrained_model_name_or_path=str(model), instance_data_dir=str(ASSETS / "subject"),
+                           instance_prompt="a photo of sks toy", output_dir=str(workdir / "out"),
+                           adapter=method, adapter_options=opts, resolution=res, center_crop=True,
+                           max_train_steps=steps + 2)
+    run = setup(cfg, make_accelerator(cfg))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps + 2):
+        t0 = time.perf_counter()
+        train_step(run, step)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if step == 0 and method == "lora_dash":
+            from dreampeft.adapters import launch_dash
+            launch_dash(run.acc.unwrap_model(run.trained["unet"]))  # time the dash phase
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    unet = run.acc.unwrap_model(run.trained["unet"])
+    from dreampeft import trainable_parameter_count
+    return {"steps_per_s": 1 / statistics.median(times[2:]), "peak_mib": peak,
+            "trainable": trainable_parameter_count(unet),
+            "unet_params": sum(p.numel() for p in unet.parameters()) - trainable_parameter_count(unet)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", nargs=4, metavar=("SIZE", "RES", "METHOD", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        size, res, method, workdir = args.child
+        print(json.dumps(child(size, int(res), method, args.steps, Path(workdir))))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or f"bench/results/dreambooth_step_{device}.md")
+    lines = [f"# DreamBooth step, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"median of {args.steps} steps, batch 1", "",
+             "| UNet | px | method | trainable | steps/s | × lora | peak MiB |", "|---|---:|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size, res in CASES:
+            results = {}
+            for method in METHODS:
+                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--child", size, str(res), method, tmp]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode:
+                    sys.exit(proc.stderr[-3000:])
+                results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            for method, r in results.items():
+                lines.append(f"| {size} ({r['unet_params'] / 1e6:.1f}M) | {res} | {method} | {r['trainable']:,} | "
+                             f"{r['steps_per_s']:.2f} | {r['steps_per_s'] / results['lora']['steps_per_s']:.2f} | "
+                             f"{r['peak_mib']:.0f} |")
+            print("\n".join(lines[-len(results):]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
