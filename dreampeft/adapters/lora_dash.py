@@ -9,10 +9,10 @@ optimizer steps are counted (not forward calls); directions fill preallocated bu
 ``dash_active`` and the directions are saved, so a reloaded adapter resumes in its phase; the
 change rate divides by σ + eps.
 
-Forward: the LoRA product and the rank-s dash product, each fused into a GEMM-add. Before the
+Forward: the whole update as one rank r+s LoRA, up = [s·B | U], down = [A ; diag(δ)·Vh] (the
+scales go on these small factors), so x is read once and the output written once. Before the
 launch U and Vh are zero, so the dash term contributes nothing (and δ gets zero gradient)
-without a data-dependent branch, which would force a device sync on GPU. For export the two
-combine into one rank r+s LoRA: up = [s·B | U], down = [A ; diag(δ)·Vh].
+without a data-dependent branch, which would force a device sync on GPU.
 """
 
 from __future__ import annotations
@@ -68,31 +68,30 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return self.lora_delta() + self.dash_delta_weight()
 
     def low_rank_factors(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up, down) with ΔW·scale = up @ down; rank r + n_directions, used by forward and export."""
-        up = torch.cat([self.lora_B * (self.scaling * scale), self.dash_U], dim=1)
-        down = torch.cat([self.lora_A, self.dash_Vh * (self.dash_delta[:, None] * scale)])
+        """(up, down) with scale·ΔW = up @ down: the rank r+s LoRA form, for forward and export.
+        The scales are applied to the small factors, never to activations."""
+        s = self.scaling * scale
+        lora_up = self.lora_B if s == 1.0 else self.lora_B * s
+        delta = self.dash_delta if scale == 1.0 else self.dash_delta * scale
+        # .to: a model cast after injection (model.to(bf16)) casts these buffers too
+        up = torch.cat([lora_up, self.dash_U.to(lora_up.dtype)], dim=1)
+        down = torch.cat([self.lora_A, self.dash_Vh.to(self.lora_A.dtype) * delta[:, None]])
         return up, down
 
-    def _dash_down(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        # no dropout here: dropout belongs to the LoRA branch only
-        # .to: a model cast after injection (model.to(bf16)) casts these buffers too
-        g = F.linear(x, self.dash_Vh.to(x.dtype))
-        return g * (self.dash_delta if scale == 1.0 else self.dash_delta * scale)
-
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # dropout belongs to the LoRA branch only, so the branches stay separate here
+        dash = F.linear(x, self.dash_Vh.to(x.dtype)) * self.dash_delta
         return (F.linear(self.lora_down(x, self.scaling), self.lora_B)
-                + F.linear(self._dash_down(x, 1.0), self.dash_U.to(x.dtype)))
+                + F.linear(dash, self.dash_U.to(x.dtype)))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if result.dtype != self.lora_B.dtype:
+        if result.dtype != self.lora_B.dtype or not isinstance(self.dropout, nn.Identity):
             return super().adapted_forward(x)
-        # Two fused GEMM-adds (5 ops, nothing concatenated): small layers are bound by op count.
-        flat = x.reshape(-1, self.in_features)
-        out = torch.addmm(result.reshape(-1, self.out_features),
-                          self.lora_down(flat, self.scaling * self.scale), self.lora_B.t())
-        up = self.dash_U.to(out.dtype).t()
-        return torch.addmm(out, self._dash_down(flat, self.scale), up).view(result.shape)
+        # One GEMM reads x once, one GEMM-add writes the output once (5 ops in all).
+        up, down = self.low_rank_factors(self.scale)
+        h = F.linear(x.reshape(-1, self.in_features), down)
+        return torch.addmm(result.reshape(-1, self.out_features), h, up.t()).view(result.shape)
 
     @torch.no_grad()
     def launch(self) -> bool:
