@@ -83,6 +83,15 @@ def test_every_method_trains_saves_and_reloads(method, tiny_sdxl, instance_dir, 
     assert manifest["components"]["unet"]["configs"][0]["method"] == method
     assert manifest["base_model"] == str(tiny_sdxl) and manifest["trained_steps"] == 3
     assert not torch.allclose(unet_output(pipe), base), "training left the UNet unchanged"
+    # the diffusers file loads through diffusers' own loader; exact for LoRA and LoRA-Dash
+    other = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    other.load_lora_weights(out)
+    err = events[-1]["export_rel_error"]["unet"]
+    if method in ("lora", "lora_dash"):
+        assert err == 0.0
+        torch.testing.assert_close(unet_output(other), unet_output(pipe), rtol=1e-5, atol=1e-6)
+    else:
+        assert 0.0 <= err < 1.0 and json.loads((out / "export_report.json").read_text())["components"]
     if method == "lora_dash":
         assert dp.is_dash_active(pipe.unet)  # launched at step 2 of 3, and the phase was saved
         assert any(e.get("dash_launched") for e in events if e["event"] == "step")
@@ -199,6 +208,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("fp16_on_cpu", "fp16 needs a CUDA GPU"),
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),
     ("no_bitsandbytes", "--optimizer adamw8bit needs bitsandbytes"),
+    ("bad_energy", r"--export_energy must be in \(0, 1\]"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):
     if case == "no_bitsandbytes" and __import__("importlib").util.find_spec("bitsandbytes"):
@@ -218,7 +228,8 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
              "wrong_method_flag": ["--n_frequency", "10"], "class_without_prior": ["--class_prompt", "a toy"],
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
              "bad_resume": ["--resume_from_checkpoint", str(tmp_path)],
-             "no_bitsandbytes": ["--optimizer", "adamw8bit"]}.get(case, [])
+             "no_bitsandbytes": ["--optimizer", "adamw8bit"],
+             "bad_energy": ["--export_energy", "1.5"]}.get(case, [])
     try:
         code = train_dreambooth.main(base_args(model, data, tmp_path / "out", *extra))
     except SystemExit as exc:  # argparse's own errors (invalid choice) exit with 2 too

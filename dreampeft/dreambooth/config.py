@@ -76,6 +76,10 @@ class DreamBoothConfig:
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'")
     events: str | None = option(None, "write JSON-lines progress events to this file")
+    export_rank: int | None = option(32, "rank of the diffusers LoRA exported for FourierFT/MoRA "
+                                     "(truncated SVD; LoRA and LoRA-Dash export exactly)")
+    export_energy: float | None = option(None, "instead of --export_rank: keep this share of each "
+                                         "layer's squared singular values (e.g. 0.9)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -99,6 +103,10 @@ class DreamBoothConfig:
                     "--class_prompt/--class_data_dir only apply with --with_prior_preservation")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                 "--checkpoints_total_limit must be >= 1")
+        if self.export_energy is not None:
+            require(0 < self.export_energy <= 1, f"--export_energy must be in (0, 1] (got {self.export_energy})")
+            self.export_rank = None  # the energy threshold replaces the fixed rank
+        require(self.export_rank is None or self.export_rank >= 1, "--export_rank must be >= 1")
         self.adapter_config("unet")  # validates the method options now, not mid-run
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:

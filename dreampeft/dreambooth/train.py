@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .. import inject
 from ..adapters import dash_step
+from ..export import DIFFUSERS_WEIGHTS, export_diffusers
 from ..state import save_adapter
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
@@ -352,8 +353,11 @@ def _finish(run: Run, events: EventLog, checksums: list) -> None:
                                               "instance_prompt": cfg.instance_prompt,
                                               "trained_steps": run.total_steps})
     cfg.save(out / "dreambooth_config.json")
+    report = export_diffusers(run.unwrapped(), out, rank=cfg.export_rank, energy=cfg.export_energy)
+    (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
     images = []
     if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
         images = validate(run, run.total_steps, events)
+    errors = {c: r["overall_rel_error"] for c, r in report["components"].items()}
     events.emit("done", output_dir=str(out), adapter=str(weights), images=images,
-                rank_checksums=checksums)
+                diffusers=str(out / DIFFUSERS_WEIGHTS), export_rel_error=errors, rank_checksums=checksums)

@@ -1,0 +1,108 @@
+"""diffusers-format LoRA export, loaded back through diffusers' own load_lora_weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import dreampeft as dp
+from dreampeft.export import DIFFUSERS_WEIGHTS, export_diffusers
+
+from .cases import randomize_adapters
+from .test_dreambooth import tiny_sdxl, unet_output  # noqa: F401 (session fixture)
+
+CONFIGS = {
+    "lora": dp.LoRAConfig(r=3, alpha=6.0),  # alpha ≠ r: the scale must survive the trip
+    "lora_dash": dp.LoRADashConfig(r=3, n_directions=2),
+    "fourierft": dp.FourierFTConfig(n_frequency=200, scaling=10.0),
+    "mora": dp.MoRAConfig(r=2),
+}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _pipe(path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _adapted(path, method):
+    pipe = _pipe(path)
+    for i, comp in enumerate(COMPONENTS):
+        targets = dp.UNET_ATTENTION if comp == "unet" else dp.CLIP_ATTENTION
+        dp.inject_adapters(getattr(pipe, comp), CONFIGS[method].replace(target_modules=list(targets)))
+        randomize_adapters(getattr(pipe, comp), seed=i)
+    return pipe
+
+
+def _text_out(pipe, comp):
+    ids = torch.randint(0, 900, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return getattr(pipe, comp)(ids)[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash"])
+def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path):  # noqa: F811
+    ours = _adapted(tiny_sdxl, method)
+    report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
+    assert all(r["exact"] and r["overall_rel_error"] == 0.0 for r in report["components"].values())
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path)
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-6)
+    for comp in ("text_encoder", "text_encoder_2"):
+        torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-5, atol=1e-6)
+    with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
+        keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert any(k.startswith("unet.down_blocks.") and k.endswith(".to_q.lora_A.weight") for k in keys)
+    # keys follow the module names (transformers 5's CLIP has no text_model wrapper), as peft's do
+    te_keys = {k for k in keys if k.startswith("text_encoder.") and "layers.0.self_attn.q_proj.lora_B" in k}
+    assert len(te_keys) == 1
+    rank = 3 if method == "lora" else 5  # LoRA-Dash exports as a rank r+s LoRA
+    assert meta["unet.r"] == meta["unet.lora_alpha"] == rank
+
+
+@pytest.mark.parametrize("method", ["fourierft", "mora"])
+def test_high_rank_methods_export_svd_with_the_reported_error(method, tiny_sdxl, tmp_path):  # noqa: F811
+    ours = _adapted(tiny_sdxl, method)
+    report = export_diffusers({"unet": ours.unet}, tmp_path, rank=8)["components"]["unet"]
+    assert not report["exact"] and 0 < report["overall_rel_error"] < 1 and report["ranks"] == [8]
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path)
+    for name, layer in list(dp.adapter_layers(ours.unet).items())[:12]:
+        loaded = theirs.unet.get_submodule(name)
+        adapter = next(iter(loaded.lora_A))
+        dw_loaded = loaded.get_delta_weight(adapter)  # what diffusers/peft will add to W0
+        dw = layer.delta_weight()
+        measured = float((dw - dw_loaded).norm() / dw.norm())
+        assert measured == pytest.approx(report["layer_rel_error"][name], abs=1e-4), name
+
+
+@pytest.mark.parametrize("method", ["fourierft", "mora"])
+def test_full_rank_svd_is_exact_and_energy_threshold_varies_ranks(method, tiny_sdxl, tmp_path):  # noqa: F811
+    ours = _adapted(tiny_sdxl, method)
+    full = export_diffusers({"unet": ours.unet}, tmp_path / "full", rank=1024)["components"]["unet"]
+    assert full["overall_rel_error"] < 1e-5
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path / "full")
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-3, atol=1e-4)
+    part = export_diffusers({"unet": ours.unet}, tmp_path / "e", energy=0.9)["components"]["unet"]
+    assert len(part["ranks"]) > 1 and part["max_layer_rel_error"] <= 0.1 ** 0.5 + 1e-6
+    again = _pipe(tiny_sdxl)
+    again.load_lora_weights(tmp_path / "e")  # per-layer ranks through rank_pattern
+    assert not torch.allclose(unet_output(again), unet_output(_pipe(tiny_sdxl)))
+
+
+def test_export_argument_errors(tiny_sdxl, tmp_path):  # noqa: F811
+    pipe = _pipe(tiny_sdxl)
+    with pytest.raises(ValueError, match="no adapters to export"):
+        export_diffusers({"unet": pipe.unet}, tmp_path)
+    dp.inject_adapters(pipe.unet, dp.MoRAConfig(r=2))
+    with pytest.raises(ValueError, match="not both"):
+        export_diffusers({"unet": pipe.unet}, tmp_path, rank=4, energy=0.9)
+    with pytest.raises(ValueError, match=r"energy must be in \(0, 1\]"):
+        export_diffusers({"unet": pipe.unet}, tmp_path, energy=1.5)
