@@ -105,3 +105,134 @@ def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
     path = Path(out_dir) / weight_name
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     return report
+
+
+# -- PEFT ------------------------------------------------------------------------------------
+def _peft_lora(layers: dict) -> tuple[dict, dict]:
+    first = next(iter(layers.values()))
+    if isinstance(first, LoRALayer):  # exact and still trainable in peft: the raw A, B and alpha
+        cfg = first.config
+        config = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha or cfg.r,
+                  "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout}
+        tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(l, f"lora_{ab}").detach().float().cpu()
+                   for n, l in layers.items() for ab in "AB"}
+        return config, tensors
+    exports = {n: lora_factors(l) for n, l in layers.items()}  # LoRA-Dash: its rank r+s form
+    rank = next(iter(exports.values())).down.shape[0]
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0}
+    tensors = {}
+    for n, e in exports.items():
+        tensors[f"base_model.model.{n}.lora_A.weight"] = e.down.cpu()
+        tensors[f"base_model.model.{n}.lora_B.weight"] = e.up.cpu()
+    return config, tensors
+
+
+def _peft_fourierft(layers: dict) -> tuple[dict, dict]:
+    from .adapters.fourierft import frequency_entries
+
+    cfg = next(iter(layers.values())).config
+    for name, layer in layers.items():  # peft regenerates the entries from the seed: check they agree
+        expected = frequency_entries(layer.out_features, layer.in_features, cfg.n_frequency, cfg.seed)
+        if not torch.equal(layer.indices.cpu(), expected):
+            raise ValueError(f"{name}: frequency entries differ from seed {cfg.seed}'s; PEFT cannot "
+                             "represent them (use the native or diffusers export)")
+    config = {"peft_type": "FOURIERFT", "n_frequency": cfg.n_frequency, "scaling": cfg.scaling,
+              "random_loc_seed": cfg.seed, "init_weights": cfg.init == "zeros"}
+    tensors = {f"base_model.model.{n}.fourierft_spectrum": l.spectrum.detach().float().cpu()
+               for n, l in layers.items()}
+    return config, tensors
+
+
+PEFT_WRITERS = {"lora": _peft_lora, "lora_dash": _peft_lora, "fourierft": _peft_fourierft}
+
+
+def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None) -> list[Path]:
+    """One PEFT adapter folder per component (``out_dir/<component>/adapter_config.json`` and
+    ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained``."""
+    written = []
+    for comp, model in models.items():
+        layers = adapter_layers(model)
+        if not layers:
+            continue
+        method = next(iter(layers.values())).config.method
+        if method not in PEFT_WRITERS:
+            raise ValueError(f"PEFT has no {method} adapter; export {method} to the diffusers format "
+                             f"(truncated SVD) or keep the native file")
+        config, tensors = PEFT_WRITERS[method](layers)
+        config.update({"target_modules": sorted(layers), "task_type": None, "bias": "none",
+                       "base_model_name_or_path": base_model, "inference_mode": True})
+        folder = Path(out_dir) / comp
+        atomic_write(folder / "adapter_model.safetensors",
+                     lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(folder / "adapter_config.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        written.append(folder)
+    return written
+
+
+# -- merged pipeline and the command line ---------------------------------------------------
+def export_merged(base_model: str, adapter: str | Path, out_dir: str | Path, scale: float = 1.0) -> Path:
+    """A full pipeline folder with ΔW fused into the base weights (exact for every method)."""
+    from .inject import remove_adapters, set_adapter_scale
+
+    pipe, components = _load_components(base_model, adapter)
+    for model in components.values():
+        set_adapter_scale(model, scale)
+        remove_adapters(model, merge=True)
+    pipe.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def _load_components(base_model: str, adapter: str | Path):
+    """(pipeline, {component: model with the adapter loaded})."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .state import load_adapter, read_manifest
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_model)
+    components = {c: getattr(pipe, c) for c in read_manifest(adapter)[1]["components"]}
+    load_adapter(components, adapter)
+    return pipe, components
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from .state import AdapterFileError, read_manifest
+
+    parser = argparse.ArgumentParser(prog="python -m dreampeft.export",
+                                     description="Convert a dreampeft run or native adapter file.")
+    parser.add_argument("src", help="a run's output folder or a dreampeft_adapter.safetensors file")
+    parser.add_argument("--to", required=True, choices=["diffusers", "peft", "merged"])
+    parser.add_argument("--base", help="base model (hub id or folder); default: the one it was trained on")
+    parser.add_argument("--out", required=True, help="output folder")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--rank", type=int, help="SVD rank for FourierFT/MoRA (diffusers; default 32)")
+    group.add_argument("--energy", type=float, help="SVD energy threshold in (0, 1] instead of --rank")
+    args = parser.parse_args(argv)
+    try:
+        manifest = read_manifest(args.src)[1]  # check the source before loading any model
+        base = args.base or manifest.get("base_model")
+        if not base:
+            raise ValueError(f"{args.src} does not name its base model; pass --base")
+        if args.to == "merged":
+            print(export_merged(base, args.src, args.out))
+        elif args.to == "peft":
+            print("\n".join(map(str, export_peft(_load_components(base, args.src)[1], args.out, base))))
+        else:
+            rank = args.rank if args.rank or args.energy else 32
+            report = export_diffusers(_load_components(base, args.src)[1], args.out, rank, args.energy)
+            for comp, r in report["components"].items():
+                print(f"{comp}: {r['method']} rank {r['ranks']} relative error {r['overall_rel_error']:.4f}")
+    except (AdapterFileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # from_pretrained: no such folder, or the hub is unreachable
+        print(f"error: cannot load base model {base!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -106,3 +106,62 @@ def test_export_argument_errors(tiny_sdxl, tmp_path):  # noqa: F811
         export_diffusers({"unet": pipe.unet}, tmp_path, rank=4, energy=0.9)
     with pytest.raises(ValueError, match=r"energy must be in \(0, 1\]"):
         export_diffusers({"unet": pipe.unet}, tmp_path, energy=1.5)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft"])
+def test_peft_format_loads_in_peft_with_identical_outputs(method, tiny_sdxl, tmp_path):  # noqa: F811
+    peft = pytest.importorskip("peft")
+    ours = _adapted(tiny_sdxl, method)
+    dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path / "run")
+    from dreampeft.export import main
+
+    assert main([str(tmp_path / "run"), "--to", "peft", "--base", str(tiny_sdxl), "--out", str(tmp_path / "peft")]) == 0
+    fresh = _pipe(tiny_sdxl)
+    unet = peft.PeftModel.from_pretrained(fresh.unet, tmp_path / "peft" / "unet")
+    te = peft.PeftModel.from_pretrained(fresh.text_encoder, tmp_path / "peft" / "text_encoder")
+    fresh.unet, fresh.text_encoder = unet.base_model.model, te.base_model.model
+    torch.testing.assert_close(unet_output(fresh), unet_output(ours), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_text_out(fresh, "text_encoder"), _text_out(ours, "text_encoder"),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_peft_export_refuses_mora(tiny_sdxl, tmp_path):  # noqa: F811
+    from dreampeft.export import export_peft
+
+    ours = _adapted(tiny_sdxl, "mora")
+    with pytest.raises(ValueError, match="PEFT has no mora adapter"):
+        export_peft({"unet": ours.unet}, tmp_path)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_merged_pipeline_is_exact_for_every_method(method, tiny_sdxl, tmp_path):  # noqa: F811
+    from dreampeft.export import main
+
+    ours = _adapted(tiny_sdxl, method)
+    dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path / "run",
+                    extra_metadata={"base_model": str(tiny_sdxl)})
+    assert main([str(tmp_path / "run"), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    merged = _pipe(tmp_path / "merged")  # a plain pipeline folder: no dreampeft needed to use it
+    assert not dp.adapter_layers(merged.unet)
+    torch.testing.assert_close(unet_output(merged), unet_output(ours), rtol=1e-4, atol=1e-5)
+    for comp in ("text_encoder", "text_encoder_2"):
+        torch.testing.assert_close(_text_out(merged, comp), _text_out(ours, comp), rtol=1e-4, atol=1e-5)
+
+
+def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):  # noqa: F811
+    from dreampeft.export import main
+
+    ours = _adapted(tiny_sdxl, "mora")
+    dp.save_adapter({"unet": ours.unet}, tmp_path / "run")
+    assert main([str(tmp_path / "run"), "--to", "diffusers", "--energy", "0.95", "--base", str(tiny_sdxl),
+                 "--out", str(tmp_path / "d")]) == 0
+    assert "unet: mora rank" in capsys.readouterr().out
+    _pipe(tiny_sdxl).load_lora_weights(tmp_path / "d")
+    assert main([str(tmp_path / "run"), "--to", "merged", "--out", str(tmp_path / "m")]) == 2
+    assert "does not name its base model; pass --base" in capsys.readouterr().err
+    assert main([str(tmp_path / "nothing"), "--to", "peft", "--base", "x", "--out", str(tmp_path / "p")]) == 2
+    assert "dreampeft_adapter.safetensors does not exist" in capsys.readouterr().err
+    assert main([str(tmp_path / "run"), "--to", "peft", "--base", str(tmp_path / "no-model"),
+                 "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no-model" in err and "Traceback" not in err
