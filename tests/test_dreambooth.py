@@ -92,6 +92,9 @@ def test_every_method_trains_saves_and_reloads(method, tiny_sdxl, instance_dir, 
         torch.testing.assert_close(unet_output(other), unet_output(pipe), rtol=1e-5, atol=1e-6)
     else:
         assert 0.0 <= err < 1.0 and json.loads((out / "export_report.json").read_text())["components"]
+    card = (out / "README.md").read_text()
+    assert f"**{method}**" in card and "a photo of sks toy" in card and "load_lora_weights" in card
+    assert "validation/step-000003-0.png" in card
     if method == "lora_dash":
         assert dp.is_dash_active(pipe.unet)  # launched at step 2 of 3, and the phase was saved
         assert any(e.get("dash_launched") for e in events if e["event"] == "step")

@@ -21,6 +21,7 @@ from .. import inject
 from ..adapters import dash_step
 from ..export import DIFFUSERS_WEIGHTS, export_diffusers
 from ..state import save_adapter
+from .card import write_model_card
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
 from .data import BatchPlan, DreamBoothError, Example, augment, generator, scan_folder
@@ -358,6 +359,8 @@ def _finish(run: Run, events: EventLog, checksums: list) -> None:
     images = []
     if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
         images = validate(run, run.total_steps, events)
+    trainable = sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values())
+    write_model_card(out, cfg, trainable, run.total_steps, report, images)
     errors = {c: r["overall_rel_error"] for c, r in report["components"].items()}
     events.emit("done", output_dir=str(out), adapter=str(weights), images=images,
                 diffusers=str(out / DIFFUSERS_WEIGHTS), export_rel_error=errors, rank_checksums=checksums)

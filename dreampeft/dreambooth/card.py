@@ -1,0 +1,51 @@
+"""The model card (README.md) written into a run's output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import DreamBoothConfig
+
+
+def _size(path: Path) -> str:
+    n = path.stat().st_size
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: int, report: dict,
+                     images: list[str]) -> Path:
+    files = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+    errors = "\n".join(
+        f"| {c} | {r['method']} | {'exact' if r['exact'] else 'truncated SVD'} | {', '.join(map(str, r['ranks']))} "
+        f"| {r['overall_rel_error']:.4f} | {r['max_layer_rel_error']:.4f} |"
+        for c, r in report["components"].items())
+    options = json.dumps(cfg.adapter_config("unet").to_dict(), indent=2)
+    lines = [
+        f"# {cfg.adapter} adapter for {cfg.pretrained_model_name_or_path}", "",
+        f"DreamBooth with dreampeft: **{cfg.adapter}**, {steps} steps, {trainable:,} trainable parameters"
+        f"{' (UNet and both text encoders)' if cfg.train_text_encoder else ' (UNet)'}.", "",
+        f"- Trigger prompt: `{cfg.instance_prompt}`",
+        f"- Base model: `{cfg.pretrained_model_name_or_path}`",
+        f"- Resolution {cfg.resolution}, learning rate {cfg.learning_rate}, seed {cfg.seed}"
+        + (f", prior preservation with `{cfg.class_prompt}`" if cfg.with_prior_preservation else ""), "",
+        "## Files", "", *[f"- `{p.name}` ({_size(p)})" for p in files], "",
+        "## Export to the diffusers LoRA format", "",
+        "| component | method | export | ranks | overall rel. error | worst layer |", "|---|---|---|---|---:|---:|",
+        errors, "",
+        "## How to load", "", "```python",
+        "from diffusers import StableDiffusionXLPipeline",
+        f"pipe = StableDiffusionXLPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})",
+        "pipe.load_lora_weights('THIS_FOLDER')          # diffusers (pytorch_lora_weights.safetensors)",
+        "# or, exact for every method:",
+        "import dreampeft as dp",
+        "dp.load_into_pipeline(pipe, 'THIS_FOLDER', scale=1.0)",
+        "```", "",
+        "A full checkpoint with the update fused in (for tools that take whole models):",
+        "`python -m dreampeft.export THIS_FOLDER --to merged --out merged/`.", "",
+        "## Method options", "", "```json", options, "```", "",
+        *(["## Validation images", "", *[f"![]({Path(i).relative_to(out)})" for i in images], ""] if images else []),
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

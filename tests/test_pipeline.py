@@ -1,0 +1,34 @@
+"""dp.load_into_pipeline: every method from a run folder, scale, fuse/unfuse, unload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dreampeft as dp
+
+from .test_export import COMPONENTS, _adapted, _pipe, _text_out
+from .test_dreambooth import tiny_sdxl, unet_output  # noqa: F401 (session fixture)
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft", "mora"])
+def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):  # noqa: F811
+    ours = _adapted(tiny_sdxl, method)
+    dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
+    pipe = _pipe(tiny_sdxl)
+    base = unet_output(pipe)
+    dp.load_into_pipeline(pipe, tmp_path)
+    full = unet_output(pipe)
+    torch.testing.assert_close(full, unet_output(ours), rtol=0, atol=0)
+    torch.testing.assert_close(_text_out(pipe, "text_encoder_2"), _text_out(ours, "text_encoder_2"), rtol=0, atol=0)
+    dp.set_pipeline_scale(pipe, 0.0)
+    torch.testing.assert_close(unet_output(pipe), base, rtol=0, atol=0)
+    dp.set_pipeline_scale(pipe, 1.0)
+    dp.fuse(pipe)
+    torch.testing.assert_close(unet_output(pipe), full, rtol=1e-4, atol=1e-5)
+    dp.unfuse(pipe)
+    with pytest.raises(ValueError, match="already carries a dreampeft adapter"):
+        dp.load_into_pipeline(pipe, tmp_path)
+    dp.unload(pipe)
+    assert not dp.adapter_layers(pipe.unet)
+    torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
