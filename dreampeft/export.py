@@ -107,6 +107,50 @@ def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
     return report
 
 
+# -- kohya / A1111 / ComfyUI ----------------------------------------------------------------
+KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+
+
+def sgm_name(name: str, layers_per_block: int) -> str:
+    """diffusers UNet module name → the original SGM/LDM name that A1111 and ComfyUI key by."""
+    parts, step = name.split("."), layers_per_block + 1
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        return ".".join(["input_blocks", str(int(parts[1]) * step + int(parts[3]) + 1), "1", *parts[4:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        return ".".join(["output_blocks", str(int(parts[1]) * step + int(parts[3])), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    raise ValueError(f"{name}: only attention layers of the UNet blocks have an SGM name for kohya export")
+
+
+def kohya_key(component: str, name: str, layers_per_block: int) -> str:
+    if component == "unet":
+        name = sgm_name(name, layers_per_block)
+    elif not name.startswith("text_model."):  # transformers 5 dropped the wrapper kohya names keep
+        name = "text_model." + name
+    return f"{KOHYA_PREFIX[component]}_{name.replace('.', '_')}"
+
+
+def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
+                 energy: float | None = None, weight_name: str = KOHYA_WEIGHTS) -> Path:
+    """``lora_unet_…/lora_te1_…/lora_te2_…`` with ``.lora_down/.lora_up/.alpha`` (alpha = rank)."""
+    tensors = {}
+    for comp, model in models.items():
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+        for name, layer in adapter_layers(model).items():
+            e = lora_factors(layer, rank, energy)
+            key = kohya_key(comp, name, lpb)
+            tensors[f"{key}.lora_down.weight"] = e.down.cpu()
+            tensors[f"{key}.lora_up.weight"] = e.up.cpu()
+            tensors[f"{key}.alpha"] = torch.tensor(float(e.down.shape[0]))
+    if not tensors:
+        raise ValueError("no adapters to export; inject or load adapters first")
+    path = Path(out_dir) / weight_name
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return path
+
+
 # -- PEFT ------------------------------------------------------------------------------------
 def _peft_lora(layers: dict) -> tuple[dict, dict]:
     first = next(iter(layers.values()))
@@ -204,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreampeft.export",
                                      description="Convert a dreampeft run or native adapter file.")
     parser.add_argument("src", help="a run's output folder or a dreampeft_adapter.safetensors file")
-    parser.add_argument("--to", required=True, choices=["diffusers", "peft", "merged"])
+    parser.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "merged"])
     parser.add_argument("--base", help="base model (hub id or folder); default: the one it was trained on")
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_mutually_exclusive_group()
@@ -218,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{args.src} does not name its base model; pass --base")
         if args.to == "merged":
             print(export_merged(base, args.src, args.out))
+        elif args.to == "kohya":
+            rank = args.rank if args.rank or args.energy else 32
+            print(export_kohya(_load_components(base, args.src)[1], args.out, rank, args.energy))
         elif args.to == "peft":
             print("\n".join(map(str, export_peft(_load_components(base, args.src)[1], args.out, base))))
         else:

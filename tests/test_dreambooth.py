@@ -139,7 +139,11 @@ def test_bf16_mixed_precision_keeps_adapters_float32(tiny_sdxl, instance_dir, tm
 def test_text_encoder_training_saves_all_components(tiny_sdxl, instance_dir, tmp_path):
     out = tmp_path / "out"
     assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, out, "--train_text_encoder",
-                                           "--text_encoder_lr", "5e-4")) == 0
+                                           "--text_encoder_lr", "5e-4",
+                                           "--extra_exports", "kohya,peft,merged")) == 0
+    assert (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    assert sorted(p.name for p in (out / "peft").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
+    assert (out / "merged" / "model_index.json").exists()
     manifest = dp.read_manifest(out)[1]
     assert set(manifest["components"]) == {"unet", "text_encoder", "text_encoder_2"}
     targets = manifest["components"]["text_encoder"]["targets"]
@@ -212,6 +216,8 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),
     ("no_bitsandbytes", "--optimizer adamw8bit needs bitsandbytes"),
     ("bad_energy", r"--export_energy must be in \(0, 1\]"),
+    ("peft_mora", "PEFT has no MoRA adapter"),
+    ("bad_export", r"extra_exports = \['onnx'\] is not a valid"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):
     if case == "no_bitsandbytes" and __import__("importlib").util.find_spec("bitsandbytes"):
@@ -232,7 +238,9 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
              "bad_resume": ["--resume_from_checkpoint", str(tmp_path)],
              "no_bitsandbytes": ["--optimizer", "adamw8bit"],
-             "bad_energy": ["--export_energy", "1.5"]}.get(case, [])
+             "bad_energy": ["--export_energy", "1.5"],
+             "peft_mora": ["--adapter", "mora", "--extra_exports", "peft"],
+             "bad_export": ["--extra_exports", "onnx"]}.get(case, [])
     try:
         code = train_dreambooth.main(base_args(model, data, tmp_path / "out", *extra))
     except SystemExit as exc:  # argparse's own errors (invalid choice) exit with 2 too

@@ -165,3 +165,31 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):  # noqa: 
                  "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "no-model" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="session")
+def medium_sdxl(tmp_path_factory):
+    from dreampeft.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "medium-sdxl", seed=0, size="medium")
+
+
+@pytest.mark.parametrize("method", ["lora", "lora_dash"])
+@pytest.mark.parametrize("size", ["tiny", "medium"])  # layers_per_block 1 and 2 (SDXL's)
+def test_kohya_file_loads_through_diffusers_sgm_path(method, size, tiny_sdxl, medium_sdxl, tmp_path):  # noqa: F811
+    from dreampeft.export import export_kohya
+
+    path = tiny_sdxl if size == "tiny" else medium_sdxl
+    ours = _adapted(path, method)
+    weights = export_kohya({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
+    with safe_open(weights, "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("lora_unet_input_blocks_") and k.endswith("_attn1_to_q.lora_down.weight") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up") for k in keys)
+    theirs = _pipe(path)
+    theirs.load_lora_weights(tmp_path, weight_name=weights.name)  # diffusers' kohya/SGM converter
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-6)
+    for comp in ("text_encoder", "text_encoder_2"):  # trained text encoders included
+        torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-5, atol=1e-6)

@@ -41,7 +41,8 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         "import dreampeft as dp",
         "dp.load_into_pipeline(pipe, 'THIS_FOLDER', scale=1.0)",
         "```", "",
-        "A full checkpoint with the update fused in (for tools that take whole models):",
+        "A1111 / ComfyUI: `python -m dreampeft.export THIS_FOLDER --to kohya --out .` "
+        "(or train with `--extra_exports kohya`). A full checkpoint with the update fused in:",
         "`python -m dreampeft.export THIS_FOLDER --to merged --out merged/`.", "",
         "## Method options", "", "```json", options, "```", "",
         *(["## Validation images", "", *[f"![]({Path(i).relative_to(out)})" for i in images], ""] if images else []),

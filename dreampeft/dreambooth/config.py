@@ -78,6 +78,9 @@ class DreamBoothConfig:
     events: str | None = option(None, "write JSON-lines progress events to this file")
     export_rank: int | None = option(32, "rank of the diffusers LoRA exported for FourierFT/MoRA "
                                      "(truncated SVD; LoRA and LoRA-Dash export exactly)")
+    extra_exports: list[Literal["kohya", "peft", "merged"]] = option(
+        [], "formats written besides native and diffusers: kohya (A1111/ComfyUI), peft, merged "
+        "(a full pipeline folder with ΔW fused in)")
     export_energy: float | None = option(None, "instead of --export_rank: keep this share of each "
                                          "layer's squared singular values (e.g. 0.9)")
 
@@ -107,6 +110,8 @@ class DreamBoothConfig:
             require(0 < self.export_energy <= 1, f"--export_energy must be in (0, 1] (got {self.export_energy})")
             self.export_rank = None  # the energy threshold replaces the fixed rank
         require(self.export_rank is None or self.export_rank >= 1, "--export_rank must be >= 1")
+        require(not (self.adapter == "mora" and "peft" in self.extra_exports),
+                "--extra_exports peft: PEFT has no MoRA adapter; use kohya, merged or the default diffusers file")
         self.adapter_config("unet")  # validates the method options now, not mid-run
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import inject
 from ..adapters import dash_step
-from ..export import DIFFUSERS_WEIGHTS, export_diffusers
+from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_merged, export_peft
 from ..state import save_adapter
 from .card import write_model_card
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -346,6 +346,16 @@ def _rank_checksums(run: Run) -> list[list[float]]:
     return gathered
 
 
+def _extra_exports(run: Run, out: Path) -> None:
+    cfg, models = run.cfg, run.unwrapped()
+    if "kohya" in cfg.extra_exports:
+        export_kohya(models, out, rank=cfg.export_rank, energy=cfg.export_energy)
+    if "peft" in cfg.extra_exports:
+        export_peft(models, out / "peft", base_model=cfg.pretrained_model_name_or_path)
+    if "merged" in cfg.extra_exports:
+        export_merged(cfg.pretrained_model_name_or_path, out, out / "merged")
+
+
 def _finish(run: Run, events: EventLog, checksums: list) -> None:
     cfg, out = run.cfg, Path(run.cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,6 +366,7 @@ def _finish(run: Run, events: EventLog, checksums: list) -> None:
     cfg.save(out / "dreambooth_config.json")
     report = export_diffusers(run.unwrapped(), out, rank=cfg.export_rank, energy=cfg.export_energy)
     (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    _extra_exports(run, out)
     images = []
     if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
         images = validate(run, run.total_steps, events)
