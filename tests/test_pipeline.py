@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import dreampeft as dp
 
-from .test_export import COMPONENTS, _adapted, _pipe, _text_out
+from .test_export import COMPONENTS, _adapted, _pipe, _text_out, medium_sdxl  # noqa: F401
 from .test_dreambooth import tiny_sdxl, unet_output  # noqa: F401 (session fixture)
 
 
@@ -32,3 +34,23 @@ def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):  # noqa: F811
     dp.unload(pipe)
     assert not dp.adapter_layers(pipe.unet)
     torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):  # noqa: F811
+    other = _adapted(medium_sdxl, "lora")  # trained on another base: other shapes and names
+    dp.save_adapter({"unet": other.unet}, tmp_path / "medium")
+    pipe = _pipe(tiny_sdxl)
+    with pytest.raises(dp.AdapterFileError, match="does not fit unet .*another base model"):
+        dp.load_into_pipeline(pipe, tmp_path / "medium")
+    assert not dp.adapter_layers(pipe.unet)  # nothing half-loaded
+    ours = _adapted(tiny_sdxl, "lora")
+    dp.save_adapter({"unet": ours.unet}, tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "dreampeft_adapter.json").read_text())
+    manifest["components"]["unet"]["configs"][0]["method"] = "dora"
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "run" / "dreampeft_adapter.safetensors")
+    save_file(tensors, tmp_path / "run" / "dreampeft_adapter.safetensors",
+              metadata={"format": "pt", "dreampeft-adapter": json.dumps(manifest)})
+    with pytest.raises(dp.ConfigError, match="unknown adapter method 'dora'; choose one of"):
+        dp.load_into_pipeline(pipe, tmp_path / "run")
