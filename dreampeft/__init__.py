@@ -15,7 +15,7 @@ from .inject import (adapter_layers, adapter_parameters, disable_adapters, find_
                      remove_adapters, set_adapter_scale, trainable_parameter_count,
                      unmerge_adapters)
 from .export import export_diffusers
-from .pipeline import fuse, load_into_pipeline, set_pipeline_scale, unfuse, unload
+from .pipeline import fuse, load_into_pipeline, set_adapters, set_pipeline_scale, unfuse, unload
 from .state import AdapterFileError, load_adapter, read_manifest, save_adapter
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "mark_only_adapters_trainable", "merge_adapters", "remove_adapters", "set_adapter_scale",
     "trainable_parameter_count", "unmerge_adapters", "AdapterFileError", "load_adapter",
     "read_manifest", "save_adapter", "export_diffusers", "fuse", "load_into_pipeline",
-    "set_pipeline_scale", "unfuse", "unload",
+    "set_adapters", "set_pipeline_scale", "unfuse", "unload",
 ]
 
 

@@ -29,7 +29,7 @@ def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):  # noqa: F811
     dp.fuse(pipe)
     torch.testing.assert_close(unet_output(pipe), full, rtol=1e-4, atol=1e-5)
     dp.unfuse(pipe)
-    with pytest.raises(ValueError, match="already carries a dreampeft adapter"):
+    with pytest.raises(ValueError, match="an adapter named 'default' is loaded already"):
         dp.load_into_pipeline(pipe, tmp_path)
     dp.unload(pipe)
     assert not dp.adapter_layers(pipe.unet)
@@ -54,3 +54,44 @@ def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):  # noqa:
               metadata={"format": "pt", "dreampeft-adapter": json.dumps(manifest)})
     with pytest.raises(dp.ConfigError, match="unknown adapter method 'dora'; choose one of"):
         dp.load_into_pipeline(pipe, tmp_path / "run")
+
+
+@torch.no_grad()
+def _reference(path, runs: dict, weights: dict):
+    """The blended model computed by hand: W0 + Σ w_i ΔW_i merged into a fresh pipeline."""
+    ref = _pipe(path)
+    for name, pipe in runs.items():
+        for comp in COMPONENTS:
+            for full, layer in dp.adapter_layers(getattr(pipe, comp)).items():
+                target = getattr(ref, comp).get_submodule(full)
+                target.weight += weights[name] * layer.delta_weight()
+    return ref
+
+
+def test_two_adapters_blend_with_weights(tiny_sdxl, tmp_path):  # noqa: F811
+    runs = {"subject": _adapted(tiny_sdxl, "lora_dash"), "style": _adapted(tiny_sdxl, "fourierft")}
+    for name, p in runs.items():
+        dp.save_adapter({c: getattr(p, c) for c in COMPONENTS}, tmp_path / name)
+    pipe = _pipe(tiny_sdxl)
+    base = unet_output(pipe)
+    dp.load_into_pipeline(pipe, tmp_path / "subject", adapter_name="subject")
+    dp.load_into_pipeline(pipe, tmp_path / "style", adapter_name="style", scale=0.5)
+    ref = _reference(tiny_sdxl, runs, {"subject": 1.0, "style": 0.5})
+    torch.testing.assert_close(unet_output(pipe), unet_output(ref), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(_text_out(pipe, "text_encoder"), _text_out(ref, "text_encoder"), rtol=1e-4, atol=1e-5)
+    dp.set_adapters(pipe, ["style"], [1.0])  # subject off
+    ref = _reference(tiny_sdxl, runs, {"subject": 0.0, "style": 1.0})
+    torch.testing.assert_close(unet_output(pipe), unet_output(ref), rtol=1e-4, atol=1e-5)
+    dp.set_adapters(pipe, ["subject", "style"], [0.7, 0.3])
+    blended = unet_output(pipe)
+    dp.fuse(pipe)
+    torch.testing.assert_close(unet_output(pipe), blended, rtol=1e-4, atol=1e-5)
+    dp.unfuse(pipe)
+    dp.unload(pipe, "style")
+    ref = _reference(tiny_sdxl, runs, {"subject": 0.7, "style": 0.0})
+    torch.testing.assert_close(unet_output(pipe), unet_output(ref), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown adapter"):
+        dp.set_adapters(pipe, ["style"])
+    dp.unload(pipe)
+    assert not dp.adapter_layers(pipe.unet)
+    torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
