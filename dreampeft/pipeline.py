@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import AdapterLayer, config_from_dict, get_method
 from .inject import _set_submodule, adapter_layers, merge_adapters, remove_adapters, unmerge_adapters
-from .state import AdapterFileError, load_adapter, read_manifest
+from .state import AdapterFileError, check_fits, load_adapter, read_manifest
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_NAME = "default"
@@ -102,21 +102,9 @@ def _to_blends(pipe, first: str) -> None:
 
 @torch.no_grad()
 def _load_member(model: nn.Module, comp: str, entry: dict, path, name: str) -> None:
+    check_fits(comp, model, entry, path, existing_ok=True)
     configs = [config_from_dict(c) for c in entry["configs"]]
-    new, problems = {}, []
-    for target, info in entry["targets"].items():
-        try:
-            module = model.get_submodule(target)
-        except AttributeError:
-            problems.append(f"no module {target}")
-            continue
-        base = module.base_layer if isinstance(module, (AdapterBlend, AdapterLayer)) else module
-        if not isinstance(base, nn.Linear) or [base.out_features, base.in_features] != info["shape"]:
-            problems.append(f"{target} does not match {info['shape']}")
-            continue
-        new[target] = (module, configs[info["config"]])
-    if problems:
-        raise AdapterFileError(f"{path} does not fit {comp}: " + "; ".join(problems[:3]))
+    new = {t: (model.get_submodule(t), configs[info["config"]]) for t, info in entry["targets"].items()}
     weights = read_manifest(path)[0]
     with safe_open(weights, framework="pt") as f:
         for target, (module, cfg) in new.items():

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapters import AdapterLayer, config_from_dict
+from .adapters import config_from_dict
 from .inject import adapter_layers, inject_adapters
 
 FORMAT = "dreampeft-adapter"
@@ -120,8 +120,10 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
     return weights, manifest
 
 
-def _check_fits(comp: str, model: nn.Module, entry: dict, source: Path) -> None:
-    existing = adapter_layers(model)
+def check_fits(comp: str, model: nn.Module, entry: dict, source: Path, existing_ok: bool = False) -> None:
+    """Raise unless every saved target exists with its shape (and, unless ``existing_ok``, the
+    model carries no adapters elsewhere)."""
+    existing = {} if existing_ok else adapter_layers(model)
     problems = []
     for name, info in entry["targets"].items():
         try:
@@ -129,7 +131,7 @@ def _check_fits(comp: str, model: nn.Module, entry: dict, source: Path) -> None:
         except AttributeError:
             problems.append(f"no module {name}")
             continue
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        base = getattr(module, "base_layer", module)  # an adapter layer or blend wraps the Linear
         if not isinstance(base, nn.Linear):
             problems.append(f"{name} is {type(base).__name__}, not Linear")
         elif [base.out_features, base.in_features] != info["shape"]:
@@ -156,7 +158,7 @@ def load_adapter(models: nn.Module | Mapping[str, nn.Module], path: str | Path) 
     if missing:
         raise AdapterFileError(f"{weights} has no adapter for {missing}; it holds {sorted(saved)}")
     for comp, model in components.items():
-        _check_fits(comp, model, saved[comp], weights)
+        check_fits(comp, model, saved[comp], weights)
     with safe_open(weights, framework="pt") as f:
         file_keys = set(f.keys())
         for comp, model in components.items():

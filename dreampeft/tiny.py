@@ -16,7 +16,6 @@ VAE and an Euler scheduler. Sizes are chosen so a 64x64 image takes well under a
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch

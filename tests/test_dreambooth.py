@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw
 import dreampeft as dp
 from dreampeft.dreambooth import DreamBoothConfig
 from dreampeft.dreambooth.events import read_events
-from dreampeft.tiny import save_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,11 +29,6 @@ METHOD_FLAGS = {
     "fourierft": ["--n_frequency", "100", "--fourier_scaling", "20", "--learning_rate", "1e-2"],
     "mora": ["--rank", "2", "--mora_type", "6"],
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl(tmp_path_factory) -> Path:
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
 
 
 def subject_images(folder: Path, n: int = 3) -> Path:

@@ -12,7 +12,7 @@ import dreampeft as dp
 from dreampeft.export import DIFFUSERS_WEIGHTS, export_diffusers
 
 from .cases import randomize_adapters
-from .test_dreambooth import tiny_sdxl, unet_output  # noqa: F401 (session fixture)
+from .test_dreambooth import unet_output
 
 CONFIGS = {
     "lora": dp.LoRAConfig(r=3, alpha=6.0),  # alpha ≠ r: the scale must survive the trip
@@ -47,7 +47,7 @@ def _text_out(pipe, comp):
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_dash"])
-def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method)
     report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
     assert all(r["exact"] and r["overall_rel_error"] == 0.0 for r in report["components"].values())
@@ -67,7 +67,7 @@ def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path
 
 
 @pytest.mark.parametrize("method", ["fourierft", "mora"])
-def test_high_rank_methods_export_svd_with_the_reported_error(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_high_rank_methods_export_svd_with_the_reported_error(method, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method)
     report = export_diffusers({"unet": ours.unet}, tmp_path, rank=8)["components"]["unet"]
     assert not report["exact"] and 0 < report["overall_rel_error"] < 1 and report["ranks"] == [8]
@@ -83,7 +83,7 @@ def test_high_rank_methods_export_svd_with_the_reported_error(method, tiny_sdxl,
 
 
 @pytest.mark.parametrize("method", ["fourierft", "mora"])
-def test_full_rank_svd_is_exact_and_energy_threshold_varies_ranks(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_full_rank_svd_is_exact_and_energy_threshold_varies_ranks(method, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method)
     full = export_diffusers({"unet": ours.unet}, tmp_path / "full", rank=1024)["components"]["unet"]
     assert full["overall_rel_error"] < 1e-5
@@ -97,7 +97,7 @@ def test_full_rank_svd_is_exact_and_energy_threshold_varies_ranks(method, tiny_s
     assert not torch.allclose(unet_output(again), unet_output(_pipe(tiny_sdxl)))
 
 
-def test_export_argument_errors(tiny_sdxl, tmp_path):  # noqa: F811
+def test_export_argument_errors(tiny_sdxl, tmp_path):
     pipe = _pipe(tiny_sdxl)
     with pytest.raises(ValueError, match="no adapters to export"):
         export_diffusers({"unet": pipe.unet}, tmp_path)
@@ -109,7 +109,7 @@ def test_export_argument_errors(tiny_sdxl, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft"])
-def test_peft_format_loads_in_peft_with_identical_outputs(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_peft_format_loads_in_peft_with_identical_outputs(method, tiny_sdxl, tmp_path):
     peft = pytest.importorskip("peft")
     ours = _adapted(tiny_sdxl, method)
     dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path / "run")
@@ -125,7 +125,7 @@ def test_peft_format_loads_in_peft_with_identical_outputs(method, tiny_sdxl, tmp
                                rtol=1e-4, atol=1e-5)
 
 
-def test_peft_export_refuses_mora(tiny_sdxl, tmp_path):  # noqa: F811
+def test_peft_export_refuses_mora(tiny_sdxl, tmp_path):
     from dreampeft.export import export_peft
 
     ours = _adapted(tiny_sdxl, "mora")
@@ -134,7 +134,7 @@ def test_peft_export_refuses_mora(tiny_sdxl, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_merged_pipeline_is_exact_for_every_method(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_merged_pipeline_is_exact_for_every_method(method, tiny_sdxl, tmp_path):
     from dreampeft.export import main
 
     ours = _adapted(tiny_sdxl, method)
@@ -148,7 +148,7 @@ def test_merged_pipeline_is_exact_for_every_method(method, tiny_sdxl, tmp_path):
         torch.testing.assert_close(_text_out(merged, comp), _text_out(ours, comp), rtol=1e-4, atol=1e-5)
 
 
-def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):  # noqa: F811
+def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
     from dreampeft.export import main
 
     ours = _adapted(tiny_sdxl, "mora")
@@ -167,16 +167,9 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):  # noqa: 
     assert err.startswith("error:") and "no-model" in err and "Traceback" not in err
 
 
-@pytest.fixture(scope="session")
-def medium_sdxl(tmp_path_factory):
-    from dreampeft.tiny import save_tiny_sdxl
-
-    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "medium-sdxl", seed=0, size="medium")
-
-
 @pytest.mark.parametrize("method", ["lora", "lora_dash"])
 @pytest.mark.parametrize("size", ["tiny", "medium"])  # layers_per_block 1 and 2 (SDXL's)
-def test_kohya_file_loads_through_diffusers_sgm_path(method, size, tiny_sdxl, medium_sdxl, tmp_path):  # noqa: F811
+def test_kohya_file_loads_through_diffusers_sgm_path(method, size, tiny_sdxl, medium_sdxl, tmp_path):
     from dreampeft.export import export_kohya
 
     path = tiny_sdxl if size == "tiny" else medium_sdxl

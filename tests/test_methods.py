@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dreampeft as dp
-from dreampeft.adapters import FourierFTLayer, LoRADashLayer, MoRALayer
+from dreampeft.adapters import FourierFTLayer, MoRALayer
 from dreampeft.adapters.mora import mora_rank
 
 from .cases import build, example_input

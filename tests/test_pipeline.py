@@ -9,12 +9,12 @@ import torch
 
 import dreampeft as dp
 
-from .test_export import COMPONENTS, _adapted, _pipe, _text_out, medium_sdxl  # noqa: F401
-from .test_dreambooth import tiny_sdxl, unet_output  # noqa: F401 (session fixture)
+from .test_export import COMPONENTS, _adapted, _pipe, _text_out
+from .test_dreambooth import unet_output
 
 
 @pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft", "mora"])
-def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):  # noqa: F811
+def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method)
     dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
     pipe = _pipe(tiny_sdxl)
@@ -36,7 +36,7 @@ def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):  # noqa: F811
     torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):  # noqa: F811
+def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):
     other = _adapted(medium_sdxl, "lora")  # trained on another base: other shapes and names
     dp.save_adapter({"unet": other.unet}, tmp_path / "medium")
     pipe = _pipe(tiny_sdxl)
@@ -68,7 +68,7 @@ def _reference(path, runs: dict, weights: dict):
     return ref
 
 
-def test_two_adapters_blend_with_weights(tiny_sdxl, tmp_path):  # noqa: F811
+def test_two_adapters_blend_with_weights(tiny_sdxl, tmp_path):
     runs = {"subject": _adapted(tiny_sdxl, "lora_dash"), "style": _adapted(tiny_sdxl, "fourierft")}
     for name, p in runs.items():
         dp.save_adapter({c: getattr(p, c) for c in COMPONENTS}, tmp_path / name)

@@ -50,7 +50,7 @@ def _chunk_sizes(n: int, k: int) -> list[int]:
 def padded_blocks(x: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The wrap-around padded input as (full blocks, last block): the full blocks are a view of
     ``x`` (no copy of the activations); only the last, padded block is materialised."""
-    d_in, lead = x.shape[-1], x.shape[:-1]
+    d_in = x.shape[-1]
     n_full, rem = divmod(d_in, r)
     full = x[..., : n_full * r].unflatten(-1, (n_full, r))
     if rem == 0:

@@ -1,0 +1,18 @@
+"""Session fixtures: the tiny SDXL folders the end-to-end tests load with from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+
+from dreampeft.tiny import save_tiny_sdxl
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def medium_sdxl(tmp_path_factory):
+    """SDXL's 3-level layout with layers_per_block=2, at 1/10 of its widths."""
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "medium-sdxl", seed=0, size="medium")
