@@ -135,6 +135,33 @@ def build_tiny_vit(seed: int = 0, num_labels: int = 3, image_size: int = 32):
     return ViTForImageClassification(config), processor
 
 
+def build_tiny_dino(seed: int = 0, image_size: int = 32):
+    """A ViTModel + image processor in the layout of facebook/dino-vits16 (CLS token features)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64)
+    return ViTModel(config), ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def build_tiny_clip(seed: int = 0, image_size: int = 32):
+    """A CLIPModel + CLIPProcessor (bundled tokenizer) in the layout of openai/clip-vit-base-patch32."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPTokenizer, CLIPVisionConfig)
+
+    torch.manual_seed(seed)
+    text = _clip_config(32).to_dict()
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=16)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                 crop_size={"height": image_size, "width": image_size}),
+                              tokenizer=CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)))
+    return CLIPModel(config), processor
+
+
 def save_pair(model_and_proc, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     for part in model_and_proc:
@@ -144,7 +171,7 @@ def save_pair(model_and_proc, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dreampeft.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("kind", choices=["sdxl", "llama", "vit"])
+    parser.add_argument("kind", choices=["sdxl", "llama", "vit", "dino", "clip"])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(UNET_SIZES), default="tiny", help="SDXL UNet size")
@@ -157,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "llama":
         save_pair(build_tiny_llama(args.seed), out)
     else:
-        save_pair(build_tiny_vit(args.seed), out)
+        builders = {"vit": build_tiny_vit, "dino": build_tiny_dino, "clip": build_tiny_clip}
+        save_pair(builders[args.kind](args.seed), out)
     print(f"saved tiny {args.kind} (seed {args.seed}) to {out}")
 
 
