@@ -24,7 +24,7 @@ import dreampeft as dp
 from dreampeft.dreambooth import DreamBoothConfig, train
 from dreampeft.dreambooth.events import read_events
 from dreampeft.tiny import ASSETS, save_tiny_sdxl
-from dreampeft.utils import quiet_libraries
+from dreampeft.utils import image_grid, quiet_libraries
 
 SUBJECT = ASSETS / "subject"
 PROMPTS = ["a photo of sks toy", "a sks toy on a green background"]
@@ -40,14 +40,6 @@ DEMO_METHODS = {
 def generate(pipe, prompts: list[str]) -> list[Image.Image]:
     return [pipe(p, num_inference_steps=8, height=64, width=64,
                  generator=torch.Generator().manual_seed(0)).images[0] for p in prompts]
-
-
-def grid(rows: list[list[Image.Image]], cell: int = 96) -> Image.Image:
-    out = Image.new("RGB", (cell * len(rows[0]), cell * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            out.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
-    return out
 
 
 def run_method(method: str, model_dir: Path, out: Path, steps: int) -> dict:
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         pipe.set_progress_bar_config(disable=True)
         dp.load_adapter({"unet": pipe.unet}, out / method)
         rows.append(generate(pipe, PROMPTS))
-    grid(rows).save(out / "grid.png")
+    image_grid(rows).save(out / "grid.png")
     print(f"\n{'method':<10} {'trainable':>9} {'file KB':>8} {'loss first5':>11} {'last5':>7} {'train s':>7}")
     for r in table:
         print(f"{r['method']:<10} {r['trainable']:>9,} {r['file_kb']:>8.1f} {r['loss_first']:>11.4f} "

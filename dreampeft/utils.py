@@ -12,3 +12,14 @@ def quiet_libraries() -> None:
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+
+
+def image_grid(rows, cell: int = 96):
+    """Rows of PIL images → one image, each cell resized to ``cell`` px (nearest, to stay crisp)."""
+    from PIL import Image
+
+    out = Image.new("RGB", (cell * max(len(r) for r in rows), cell * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            out.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
+    return out

@@ -16,3 +16,12 @@ def tiny_sdxl(tmp_path_factory):
 def medium_sdxl(tmp_path_factory):
     """SDXL's 3-level layout with layers_per_block=2, at 1/10 of its widths."""
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "medium-sdxl", seed=0, size="medium")
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory):
+    """Tiny random DINO and CLIP folders for the fidelity metrics."""
+    from dreampeft.tiny import build_tiny_clip, build_tiny_dino, save_pair
+
+    root = tmp_path_factory.mktemp("eval-models")
+    return save_pair(build_tiny_dino(), root / "dino"), save_pair(build_tiny_clip(), root / "clip")

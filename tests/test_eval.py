@@ -11,7 +11,7 @@ from PIL import Image
 from dreampeft.eval import (EvalError, FidelityScorer, evaluation_prompts, mean_paired_cosine,
                             mean_pairwise_cosine)
 from dreampeft.eval.__main__ import main
-from dreampeft.tiny import ASSETS, build_tiny_clip, build_tiny_dino, save_pair
+from dreampeft.tiny import ASSETS
 
 
 def test_cosine_math():
@@ -30,18 +30,12 @@ def test_dreambooth_prompts_are_bundled():
     assert all("sks dog" in p for p in objects + live)
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval-models")
-    return save_pair(build_tiny_dino(), root / "dino"), save_pair(build_tiny_clip(), root / "clip")
-
-
 def _subject(i):
     return Image.open(ASSETS / "subject" / f"star-{i}.png").convert("RGB")
 
 
-def test_scorer_identical_images_score_one(tiny_models):
-    scorer = FidelityScorer(str(tiny_models[0]), str(tiny_models[1]))
+def test_scorer_identical_images_score_one(eval_models):
+    scorer = FidelityScorer(str(eval_models[0]), str(eval_models[1]))
     same = scorer.score([_subject(0)], [_subject(0)], ["a sks toy"])
     assert same["dino"] == pytest.approx(1.0, abs=1e-5) and same["clip_i"] == pytest.approx(1.0, abs=1e-5)
     other = scorer.score([_subject(0)], [Image.new("RGB", (96, 80), (0, 200, 0))], ["a sks toy"])
@@ -50,19 +44,19 @@ def test_scorer_identical_images_score_one(tiny_models):
         scorer.score([_subject(0)], [_subject(1)], ["a", "b"])
 
 
-def test_cli_writes_json_and_table(tiny_models, tmp_path, capsys):
+def test_cli_writes_json_and_table(eval_models, tmp_path, capsys):
     real, gen = tmp_path / "real", tmp_path / "gen"
     real.mkdir(), gen.mkdir()
     for i in range(2):
         _subject(i).save(real / f"{i}.png")
         _subject(i + 2).save(gen / f"{i}.png")
         (gen / f"{i}.txt").write_text(f"a sks toy, view {i}")
-    assert main(["--real", str(real), "--generated", str(gen), "--dino_model", str(tiny_models[0]),
-                 "--clip_model", str(tiny_models[1])]) == 0
+    assert main(["--real", str(real), "--generated", str(gen), "--dino_model", str(eval_models[0]),
+                 "--clip_model", str(eval_models[1])]) == 0
     scores = json.loads((gen / "fidelity.json").read_text())
     assert {"dino", "clip_i", "clip_t"} <= scores.keys() and scores["n_generated"] == 2
     assert "| DINO | CLIP-I | CLIP-T |" in (gen / "fidelity.md").read_text()
     assert main(["--real", str(real), "--generated", str(gen), "--dino_model", str(tmp_path / "no-dino"),
-                 "--clip_model", str(tiny_models[1])]) == 2
+                 "--clip_model", str(eval_models[1])]) == 2
     err = capsys.readouterr().err
     assert "error: --dino_model" in err and "pass a local folder" in err and "Traceback" not in err

@@ -1,0 +1,150 @@
+"""Compare methods on one subject: same images, seed and step budget; same prompts and seeds.
+
+    python -m dreampeft.compare --pretrained_model_name_or_path M --instance_data_dir dog/ \\
+        --instance_prompt "a photo of sks dog" --subject "sks dog" --methods lora,lora_dash,fourierft,mora \\
+        --max_train_steps 500 --out compare/
+
+Writes ``compare/<method>/`` (each run), ``compare/images/<row>/`` (generations with their
+prompts), ``grid.png`` (rows: base model and each method; columns: prompts), ``results.json`` and
+``results.md`` (trainable parameters, file size, train time, peak memory, DINO, CLIP-I, CLIP-T).
+Peak memory is the CUDA allocator's peak per method on GPU; on CPU it is the process's max RSS so
+far, which only grows, so read it as an upper bound there.
+Prompts: ``--prompts "a,b"``, or the 25 DreamBooth prompts for ``--subject`` (``--live`` for pets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .adapters import ConfigError
+from .dreambooth import DreamBoothConfig, DreamBoothError, train
+from .dreambooth.data import scan_folder
+from .dreambooth.events import read_events
+from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
+from .pipeline import load_into_pipeline, unload
+from .utils import image_grid, quiet_libraries
+
+# Learning rates that suit each method when none is given (FourierFT needs far larger ones).
+DEFAULT_LR = {"lora": 1e-4, "lora_dash": 1e-4, "fourierft": 1e-2, "mora": 1e-4}
+
+
+def _peak_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
+
+
+def generate(pipe, prompts: list[str], folder: Path, cfg: DreamBoothConfig, steps: int) -> list[Image.Image]:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, prompt in enumerate(prompts):  # the same seed per column, for every row
+        image = pipe(prompt, num_inference_steps=steps, height=cfg.resolution, width=cfg.resolution,
+                     generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
+        image.save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(prompt + "\n")
+        images.append(image)
+    return images
+
+
+def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out: Path,
+            lrs: dict[str, float], scorer: FidelityScorer | None, steps: int) -> dict:
+    from .dreambooth.models import build_pipeline, load_parts
+
+    real = [e.image for e in scan_folder(base.instance_data_dir, base.instance_prompt, "--instance_data_dir")]
+    results = {"base": {}}
+    for method in methods:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        cfg = DreamBoothConfig(**{**base.to_dict(), "adapter": method, "adapter_options": {},
+                                  "learning_rate": lrs.get(method, DEFAULT_LR[method]),
+                                  "output_dir": str(out / method), "events": str(out / method / "events.jsonl")})
+        (out / method / "events.jsonl").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        train(cfg)
+        start = read_events(out / method / "events.jsonl")[0]
+        results[method] = {"trainable": start["trainable"], "train_s": time.perf_counter() - t0,
+                           "peak_mib": _peak_mib(),
+                           "file_kib": (out / method / "dreampeft_adapter.safetensors").stat().st_size / 1024}
+    pipe = build_pipeline(base, load_parts(base))
+    rows = {"base": generate(pipe, prompts, out / "images" / "base", base, steps)}
+    for method in methods:
+        load_into_pipeline(pipe, out / method)
+        rows[method] = generate(pipe, prompts, out / "images" / method, base, steps)
+        unload(pipe)
+    image_grid(list(rows.values())).save(out / "grid.png")
+    for row, images in rows.items():
+        entry = results.setdefault(row, {})
+        if scorer is not None:
+            entry.update({k: v for k, v in scorer.score(real, images, prompts).items()
+                          if k in ("dino", "clip_i", "clip_t")})
+    return results
+
+
+def write_tables(results: dict, out: Path, prompts: list[str]) -> str:
+    (out / "results.json").write_text(json.dumps({"prompts": prompts, "results": results}, indent=1) + "\n")
+    cols = [("trainable", "{:,}"), ("file_kib", "{:.1f}"), ("train_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
+            ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}")]
+    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T |",
+             "|---|" + "---:|" * len(cols)]
+    for row, r in results.items():
+        lines.append(f"| {row} | " + " | ".join(fmt.format(r[k]) if k in r else "–" for k, fmt in cols) + " |")
+    table = "\n".join(lines)
+    (out / "results.md").write_text(table + "\n")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dreampeft.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--instance_data_dir", required=True)
+    p.add_argument("--instance_prompt", required=True)
+    p.add_argument("--methods", default="lora,lora_dash,fourierft,mora")
+    p.add_argument("--learning_rates", default="", help="per method, e.g. lora=1e-4,fourierft=5e-2")
+    p.add_argument("--max_train_steps", type=int, default=500)
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", help="comma-separated prompts (default: the DreamBooth prompts for --subject)")
+    p.add_argument("--subject", help="e.g. 'sks dog': selects the 25 DreamBooth evaluation prompts")
+    p.add_argument("--live", action="store_true", help="use the live-subject prompt list")
+    p.add_argument("--inference_steps", type=int, default=25)
+    p.add_argument("--dino_model", default=DEFAULT_DINO)
+    p.add_argument("--clip_model", default=DEFAULT_CLIP)
+    p.add_argument("--no_metrics", action="store_true", help="skip DINO/CLIP scoring")
+    p.add_argument("--out", default="compare")
+    args = p.parse_args(argv)
+    quiet_libraries()
+    try:
+        prompts = ([s.strip() for s in args.prompts.split(",") if s.strip()] if args.prompts
+                   else evaluation_prompts(args.subject, args.live) if args.subject else None)
+        if not prompts:
+            raise ConfigError("give --prompts or --subject (for the DreamBooth prompts)")
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = sorted(set(methods) - set(DEFAULT_LR))
+        if unknown:
+            raise ConfigError(f"--methods: unknown {unknown}; choose from {sorted(DEFAULT_LR)}")
+        lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
+        base = DreamBoothConfig(
+            pretrained_model_name_or_path=args.pretrained_model_name_or_path,
+            instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,
+            max_train_steps=args.max_train_steps, resolution=args.resolution, seed=args.seed)
+        scorer = None if args.no_metrics else FidelityScorer(args.dino_model, args.clip_model)
+        out = Path(args.out)
+        results = compare(base, methods, prompts, out, lrs, scorer, args.inference_steps)
+    except (ConfigError, DreamBoothError, EvalError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(write_tables(results, out, prompts))
+    print(f"grid (rows: base, {', '.join(methods)}) → {out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""python -m dreampeft.compare end to end on the tiny SDXL with tiny DINO/CLIP models."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from dreampeft.compare import main
+from dreampeft.tiny import ASSETS
+
+
+def test_compare_trains_generates_scores_and_tabulates(tiny_sdxl, eval_models, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = main(["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir", str(ASSETS / "subject"),
+                 "--instance_prompt", "a photo of sks toy", "--methods", "lora,mora", "--max_train_steps", "2",
+                 "--resolution", "64", "--subject", "sks toy", "--inference_steps", "1",
+                 "--learning_rates", "lora=1e-3", "--dino_model", str(eval_models[0]),
+                 "--clip_model", str(eval_models[1]), "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["results"]) == ["base", "lora", "mora"] and len(data["prompts"]) == 25
+    for row in ("lora", "mora"):
+        r = data["results"][row]
+        assert r["trainable"] > 0 and r["file_kib"] > 0 and {"dino", "clip_i", "clip_t"} <= r.keys()
+    assert json.loads((out / "lora" / "dreambooth_config.json").read_text())["learning_rate"] == 1e-3
+    assert Image.open(out / "grid.png").size == (96 * 25, 96 * 3)  # rows: base + 2 methods
+    assert (out / "images" / "mora" / "24.txt").read_text().strip() == "a cube shaped sks toy"
+    assert "| mora |" in capsys.readouterr().out
+
+
+def test_compare_needs_prompts(tiny_sdxl, capsys):
+    assert main(["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir", "x",
+                 "--instance_prompt", "p", "--no_metrics"]) == 2
+    assert "give --prompts or --subject" in capsys.readouterr().err
