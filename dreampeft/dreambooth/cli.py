@@ -38,6 +38,35 @@ def argument_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
     return {"type": hint, "help": help_text}
 
 
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per method option over all methods (``--rank``, ``--n_frequency``, …), defaults
+    suppressed so ``adapter_options_from`` sees only what was given."""
+    group = parser.add_argument_group("adapter options (each applies to the methods named)")
+    for flag, owners in adapter_option_fields().items():
+        cls, f = owners[0]
+        kw = argument_kwargs(typing.get_type_hints(cls)[f.name], f)
+        kw["help"] += " [" + ", ".join(f"{c.method}: {fl.default}" for c, fl in owners) + "]"
+        if "type" in kw and "choices" not in kw:
+            kw.setdefault("metavar", flag.lstrip("-").upper())
+        group.add_argument(flag, dest="adapter." + flag.lstrip("-"), default=argparse.SUPPRESS, **kw)
+
+
+def adapter_options_from(given: dict[str, Any], method: str, options: dict | None = None) -> dict:
+    """The ``adapter.*`` entries of parsed arguments as ``method``'s config options; a flag of
+    another method is an error, not ignored."""
+    options, fields = dict(options or {}), adapter_option_fields()
+    for key, value in given.items():
+        if not key.startswith("adapter."):
+            continue
+        flag = "--" + key.split(".", 1)[1]
+        owner = next(((c, f) for c, f in fields[flag] if c.method == method), None)
+        if owner is None:
+            methods = ", ".join(c.method for c, _ in fields[flag])
+            raise ConfigError(f"{flag} applies to --adapter {methods}, not {method}")
+        options[owner[1].name] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train_dreambooth.py", argument_default=argparse.SUPPRESS,
@@ -51,14 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw = argument_kwargs(hints[f.name], f)
             kw["help"] = f"{kw['help']} (default: {default})"
             parser.add_argument("--" + f.name, **kw)
-    group = parser.add_argument_group("adapter options (each applies to the methods named)")
-    for flag, owners in adapter_option_fields().items():
-        cls, f = owners[0]
-        kw = argument_kwargs(typing.get_type_hints(cls)[f.name], f)
-        kw["help"] += " [" + ", ".join(f"{c.method}: {fl.default}" for c, fl in owners) + "]"
-        if "type" in kw and "choices" not in kw:
-            kw.setdefault("metavar", flag.lstrip("-").upper())
-        group.add_argument(flag, dest="adapter." + flag.lstrip("-"), **kw)
+    add_adapter_arguments(parser)
     return parser
 
 
@@ -75,17 +97,7 @@ def parse_config(argv: list[str] | None = None) -> DreamBoothConfig:
             raise ConfigError(f"--config {path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {path}: expected a JSON object of options")
-    method_flags = {k: v for k, v in given.items() if k.startswith("adapter.")}
     data.update({k: v for k, v in given.items() if not k.startswith("adapter.")})
-    method = data.get("adapter", "lora")
-    options = dict(data.get("adapter_options", {}))
-    fields = adapter_option_fields()
-    for key, value in method_flags.items():
-        flag = "--" + key.split(".", 1)[1]
-        owner = next(((c, f) for c, f in fields[flag] if c.method == method), None)
-        if owner is None:
-            methods = ", ".join(c.method for c, _ in fields[flag])
-            raise ConfigError(f"{flag} applies to --adapter {methods}, not {method}")
-        options[owner[1].name] = value
-    data["adapter_options"] = options
+    data["adapter_options"] = adapter_options_from(given, data.get("adapter", "lora"),
+                                                   data.get("adapter_options"))
     return DreamBoothConfig.from_dict(data, source="options")
