@@ -62,23 +62,30 @@ def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | N
     return LayerExport((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), err, math.sqrt(total))
 
 
-def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
-                     energy: float | None = None, weight_name: str = DIFFUSERS_WEIGHTS) -> dict:
-    """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``load_lora_weights``.
-
-    ``models`` maps diffusers component names ("unet", "text_encoder", "text_encoder_2") to models
-    carrying adapters. Returns the report (method, ranks, errors) that is also stored in the file.
-    """
+def factorize(models: dict, rank: int | None = None, energy: float | None = None) -> dict:
+    """{component: {layer name: LayerExport}}: computed once, shared by the LoRA-file writers
+    (the SVD of FourierFT/MoRA layers is the expensive part of an export)."""
     if rank is not None and energy is not None:
         raise ValueError("give an export rank or an energy threshold, not both")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    return {comp: {name: lora_factors(layer, rank, energy) for name, layer in adapter_layers(model).items()}
+            for comp, model in models.items() if adapter_layers(model)}
+
+
+def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
+                     energy: float | None = None, weight_name: str = DIFFUSERS_WEIGHTS,
+                     factors: dict | None = None) -> dict:
+    """Write ``out_dir/pytorch_lora_weights.safetensors`` for ``load_lora_weights``.
+
+    ``models`` maps diffusers component names ("unet", "text_encoder", "text_encoder_2") to models
+    carrying adapters; ``factors`` (from ``factorize``) skips recomputing them. Returns the report
+    (method, ranks, errors) that is also stored in the file.
+    """
+    factors = factors if factors is not None else factorize(models, rank, energy)
     tensors, meta, report = {}, {}, {"format": "diffusers-lora", "components": {}}
-    for comp, model in models.items():
-        layers = adapter_layers(model)
-        if not layers:
-            continue
-        exports = {name: lora_factors(layer, rank, energy) for name, layer in layers.items()}
+    for comp, exports in factors.items():
+        layers = adapter_layers(models[comp])
         for name, e in exports.items():
             tensors[f"{comp}.{name}.lora_A.weight"] = e.down.cpu()
             tensors[f"{comp}.{name}.lora_B.weight"] = e.up.cpu()
@@ -133,13 +140,14 @@ def kohya_key(component: str, name: str, layers_per_block: int) -> str:
 
 
 def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
-                 energy: float | None = None, weight_name: str = KOHYA_WEIGHTS) -> Path:
+                 energy: float | None = None, weight_name: str = KOHYA_WEIGHTS,
+                 factors: dict | None = None) -> Path:
     """``lora_unet_…/lora_te1_…/lora_te2_…`` with ``.lora_down/.lora_up/.alpha`` (alpha = rank)."""
+    factors = factors if factors is not None else factorize(models, rank, energy)
     tensors = {}
-    for comp, model in models.items():
-        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
-        for name, layer in adapter_layers(model).items():
-            e = lora_factors(layer, rank, energy)
+    for comp, exports in factors.items():
+        lpb = getattr(getattr(models[comp], "config", None), "layers_per_block", 2)
+        for name, e in exports.items():
             key = kohya_key(comp, name, lpb)
             tensors[f"{key}.lora_down.weight"] = e.down.cpu()
             tensors[f"{key}.lora_up.weight"] = e.up.cpu()

@@ -138,7 +138,3 @@ class FourierFTLayer(AdapterLayer):
                     self._cache = (key, self.fused_weight())
             w = self._cache[1]
         return F.linear(x.to(w.dtype), w, self.base_layer.bias)
-
-    def merge(self) -> None:
-        self._cache = None
-        super().merge()

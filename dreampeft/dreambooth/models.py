@@ -60,11 +60,11 @@ def tokenize(parts: SDXLParts, prompts: list[str]) -> list[torch.Tensor]:
                 return_tensors="pt").input_ids for tok in parts.tokenizers]
 
 
-def encode_prompts(parts: SDXLParts, token_ids: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(text_encoders: list, token_ids: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL conditioning: penultimate hidden states of both encoders side by side, and the second
     encoder's projected pooled embedding (as diffusers' SDXL training script)."""
     hidden = []
-    for encoder, ids in zip(parts.text_encoders, token_ids):
+    for encoder, ids in zip(text_encoders, token_ids):
         out = encoder(ids.to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     return torch.cat(hidden, dim=-1), out.text_embeds

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import inject
 from ..adapters import dash_step
-from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_merged, export_peft
+from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_merged, export_peft, factorize
 from ..state import save_adapter
 from .card import write_model_card
 from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -194,10 +194,10 @@ def _prompt_embeddings(run: Run, prompts: list[str]):
     if run.cfg.train_text_encoder:
         ids = tokenize(run.parts, prompts)
         encoders = [run.trained["text_encoder"], run.trained["text_encoder_2"]]
-        return encode_prompts(SDXLParts(run.parts.tokenizers, encoders, None, None, None), ids, run.device)
+        return encode_prompts(encoders, ids, run.device)
     for p in set(prompts) - run.prompts.keys():
         with torch.no_grad():
-            run.prompts[p] = encode_prompts(run.parts, tokenize(run.parts, [p]), run.device)
+            run.prompts[p] = encode_prompts(run.parts.text_encoders, tokenize(run.parts, [p]), run.device)
     embeds, pooled = zip(*(run.prompts[p] for p in prompts))
     return torch.cat(embeds), torch.cat(pooled)
 
@@ -346,10 +346,10 @@ def _rank_checksums(run: Run) -> list[list[float]]:
     return gathered
 
 
-def _extra_exports(run: Run, out: Path) -> None:
+def _extra_exports(run: Run, out: Path, factors: dict) -> None:
     cfg, models = run.cfg, run.unwrapped()
     if "kohya" in cfg.extra_exports:
-        export_kohya(models, out, rank=cfg.export_rank, energy=cfg.export_energy)
+        export_kohya(models, out, factors=factors)
     if "peft" in cfg.extra_exports:
         export_peft(models, out / "peft", base_model=cfg.pretrained_model_name_or_path)
     if "merged" in cfg.extra_exports:
@@ -364,9 +364,10 @@ def _finish(run: Run, events: EventLog, checksums: list) -> None:
                                               "instance_prompt": cfg.instance_prompt,
                                               "trained_steps": run.total_steps})
     cfg.save(out / "dreambooth_config.json")
-    report = export_diffusers(run.unwrapped(), out, rank=cfg.export_rank, energy=cfg.export_energy)
+    factors = factorize(run.unwrapped(), rank=cfg.export_rank, energy=cfg.export_energy)
+    report = export_diffusers(run.unwrapped(), out, factors=factors)
     (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    _extra_exports(run, out)
+    _extra_exports(run, out, factors)
     images = []
     if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
         images = validate(run, run.total_steps, events)
