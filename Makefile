@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean chromium
 
 $(VENV)/.deps: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,14 +17,21 @@ $(VENV)/.test-deps: $(VENV)/.deps requirements-test.txt
 	$(PIP) -r requirements-test.txt
 	touch $@
 
+# The browser test drives Debian's chromium through playwright (never `playwright install`).
+CHROMIUM_APT := apt-get install -y --no-install-recommends chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || $(SUDO) $(CHROMIUM_APT) >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) $(CHROMIUM_APT) >/dev/null)
+
 demo: $(VENV)/.deps
 	$(PY) -m dreampeft.demo
 
-test: $(VENV)/.test-deps
+test: $(VENV)/.test-deps chromium
 	$(PY) -m pytest
 
 bench: $(VENV)/.test-deps
 	$(PY) bench/adapters.py
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) demo_out dreampeft-app

@@ -8,32 +8,12 @@
     python train_dreambooth.py --help             # every option
 
 Bad input (missing folder, unreadable image, unknown model, flags that do not fit) prints one
-line starting with "error:" and exits with status 2.
+line starting with "error:" and exits with status 2. ``python -m dreampeft.dreambooth`` is the same.
 """
-
-from __future__ import annotations
 
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    from dreampeft.adapters import ConfigError
-    from dreampeft.dreambooth import DreamBoothError, parse_config, train
-    from dreampeft.state import AdapterFileError
-    from dreampeft.utils import quiet_libraries
-
-    quiet_libraries()
-    try:
-        out = train(parse_config(argv))
-    except (ConfigError, DreamBoothError, AdapterFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(f"adapters saved in {out}")
-    return 0
-
+from dreampeft.dreambooth.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,14 +26,13 @@ from PIL import Image
 
 from .adapters import ConfigError
 from .dreambooth import DreamBoothConfig, DreamBoothError, train
+from .dreambooth.config import SUGGESTED_LR
 from .dreambooth.data import scan_folder
 from .dreambooth.events import read_events
 from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
 from .pipeline import load_into_pipeline, unload
 from .utils import image_grid, quiet_libraries
 
-# Learning rates that suit each method when none is given (FourierFT needs far larger ones).
-DEFAULT_LR = {"lora": 1e-4, "lora_dash": 1e-4, "fourierft": 1e-2, "mora": 1e-4}
 
 
 def _peak_mib() -> float:
@@ -64,7 +63,7 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         cfg = DreamBoothConfig(**{**base.to_dict(), "adapter": method, "adapter_options": {},
-                                  "learning_rate": lrs.get(method, DEFAULT_LR[method]),
+                                  "learning_rate": lrs.get(method, SUGGESTED_LR[method]),
                                   "output_dir": str(out / method), "events": str(out / method / "events.jsonl")})
         (out / method / "events.jsonl").unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -127,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         if not prompts:
             raise ConfigError("give --prompts or --subject (for the DreamBooth prompts)")
         methods = [m for m in args.methods.split(",") if m]
-        unknown = sorted(set(methods) - set(DEFAULT_LR))
+        unknown = sorted(set(methods) - set(SUGGESTED_LR))
         if unknown:
-            raise ConfigError(f"--methods: unknown {unknown}; choose from {sorted(DEFAULT_LR)}")
+            raise ConfigError(f"--methods: unknown {unknown}; choose from {sorted(SUGGESTED_LR)}")
         lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
         base = DreamBoothConfig(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,

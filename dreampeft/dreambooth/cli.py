@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -101,3 +102,24 @@ def parse_config(argv: list[str] | None = None) -> DreamBoothConfig:
     data["adapter_options"] = adapter_options_from(given, data.get("adapter", "lora"),
                                                    data.get("adapter_options"))
     return DreamBoothConfig.from_dict(data, source="options")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``train_dreambooth.py`` and ``python -m dreampeft.dreambooth``: bad input is one ``error:``
+    line and exit status 2, never a traceback."""
+    from ..state import AdapterFileError
+    from ..utils import quiet_libraries
+    from .data import DreamBoothError
+    from .train import train
+
+    quiet_libraries()
+    try:
+        out = train(parse_config(argv))
+    except (ConfigError, DreamBoothError, AdapterFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"adapters saved in {out}")
+    return 0

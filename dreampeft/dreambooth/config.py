@@ -16,6 +16,8 @@ from typing import Any, Literal
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
 from ..adapters.config import check_fields, option, require
 
+# Learning rates that suit each method when none is given (FourierFT needs far larger ones).
+SUGGESTED_LR = {"lora": 1e-4, "lora_dash": 1e-4, "fourierft": 1e-2, "mora": 1e-4}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

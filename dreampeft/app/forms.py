@@ -1,0 +1,123 @@
+"""What the app's forms accept: uploaded subject images, and method options generated from the
+adapter config dataclasses (a new field in a method's config appears in the app unchanged)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from ..adapters import METHODS, AdapterConfig
+from ..dreambooth.data import IMAGE_EXTENSIONS
+
+IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
+MAX_IMAGES = 50
+MAX_FILE_MB = 25
+MIN_SIDE = 32
+
+
+class UploadError(ValueError):
+    """Uploaded files that cannot be a subject set; the message names the file and the fix."""
+
+
+def check_uploads(paths: list[str] | None) -> list[Path]:
+    """Validate uploaded subject images: type, count, size, readable, big enough."""
+    paths = [Path(p) for p in paths or []]
+    if not paths:
+        raise UploadError("upload 1 to 50 images of your subject (3–5 varied photos work best)")
+    if len(paths) > MAX_IMAGES:
+        raise UploadError(f"{len(paths)} files uploaded; use at most {MAX_IMAGES} subject images")
+    for p in paths:
+        name = p.name
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise UploadError(f"{name}: not an image type this app reads; use {', '.join(IMAGE_SUFFIXES)}")
+        size_mb = p.stat().st_size / 2**20
+        if size_mb > MAX_FILE_MB:
+            raise UploadError(f"{name}: {size_mb:.0f} MB is over the {MAX_FILE_MB} MB limit; downscale it")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            with Image.open(p) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise UploadError(f"{name}: cannot be read as an image ({exc.__class__.__name__}); "
+                              "re-save it as PNG or JPEG") from None
+        if min(w, h) < MIN_SIDE:
+            raise UploadError(f"{name}: {w}×{h} is too small; use images at least {MIN_SIDE} px on each side")
+    return paths
+
+
+def stage_uploads(paths: list[Path], root: Path) -> Path:
+    """Copy the uploads into a folder named by their content, so the same set is one folder."""
+    digest = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    folder = root / digest.hexdigest()[:12]
+    if not folder.exists():
+        tmp = folder.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, p in enumerate(paths):
+            shutil.copy(p, tmp / f"{i:02d}-{p.name}")
+        tmp.rename(folder)
+    return folder
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One method option as a form control: its kind picks the widget."""
+    method: str
+    name: str
+    kind: str  # "int" | "float" | "bool" | "choice"
+    default: Any
+    help: str
+    choices: tuple = ()
+    optional: bool = False  # None is allowed (blank number → the method's default rule)
+
+
+def option_specs(methods: list[str] | None = None) -> list[OptionSpec]:
+    """Every option of ``methods`` (default: all, registry order), in that order, except targeting
+    (the app trains the standard attention targets)."""
+    skip = {f.name for f in dataclasses.fields(AdapterConfig)}
+    specs = []
+    for method in methods or list(METHODS):
+        entry = METHODS[method]
+        hints = typing.get_type_hints(entry.config_cls)
+        for f in dataclasses.fields(entry.config_cls):
+            if f.name in skip:
+                continue
+            hint, optional = hints[f.name], False
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):
+                hint, optional = args[0], True
+            if typing.get_origin(hint) is typing.Literal:
+                kind, choices = "choice", typing.get_args(hint)
+            else:
+                kind, choices = {bool: "bool", int: "int", float: "float"}[hint], ()
+            specs.append(OptionSpec(method, f.name, kind, f.default, f.metadata.get("help", ""),
+                                    choices, optional))
+    return specs
+
+
+def options_from_values(specs: list[OptionSpec], values: list, method: str) -> dict:
+    """Form values (in ``specs`` order) → ``adapter_options`` for ``method``; blanks keep defaults."""
+    options = {}
+    for spec, value in zip(specs, values):
+        if spec.method != method or value is None or value == "":
+            continue
+        if spec.kind == "int":
+            value = int(value)
+        elif spec.kind == "float":
+            value = float(value)
+        elif spec.kind == "choice":
+            value = type(spec.choices[0])(value)
+        if value != spec.default:
+            options[spec.name] = value
+    return options

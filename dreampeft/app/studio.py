@@ -1,0 +1,140 @@
+"""The app's model side: resolve the base model, generate with the base and each trained adapter
+under the same prompt and seeds, and score subject fidelity."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from ..dreambooth import DreamBoothConfig
+from ..dreambooth.data import scan_folder
+from ..eval import EvalError, FidelityScorer
+from ..pipeline import load_into_pipeline, unload
+
+TINY = "dreampeft tiny SDXL (offline demo, random weights)"
+PRESETS = {TINY: 64, "stabilityai/stable-diffusion-xl-base-1.0": 1024}
+
+
+class ModelError(ValueError):
+    """A base model the app cannot use; the message says what to pick instead."""
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import huggingface_hub.constants as hub
+
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_model(choice: str, work_dir: Path) -> str:
+    """A local folder or hub id for ``choice``; builds the tiny model on first use. Fails fast
+    (seconds, not the hub client's retries) when a hub id cannot be reached."""
+    choice = (choice or "").strip()
+    if choice == TINY:
+        from ..tiny import save_tiny_sdxl
+
+        folder = work_dir / "models" / "tiny-sdxl"
+        if not (folder / "model_index.json").exists():
+            save_tiny_sdxl(folder)
+        return str(folder)
+    if not choice:
+        raise ModelError("choose a base model: the tiny offline demo, a hub id or a local folder")
+    local = Path(choice).expanduser()
+    if local.exists() or choice.startswith((".", "/", "~")):
+        if not (local / "model_index.json").exists():
+            raise ModelError(f"{choice}: no model_index.json there; give an SDXL pipeline folder")
+        return str(local)
+    from huggingface_hub import hf_hub_download
+
+    try:  # cached from an earlier download: usable offline
+        hf_hub_download(choice, "model_index.json", local_files_only=True)
+        return choice
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise ModelError(f"{choice}: the Hugging Face hub cannot be reached from here and the model is "
+                         f"not cached; pick '{TINY}' or a local SDXL folder")
+    try:
+        hf_hub_download(choice, "model_index.json")
+    except Exception as exc:
+        raise ModelError(f"{choice}: not an SDXL pipeline on the hub ({type(exc).__name__}); "
+                         "check the id, or log in for gated models") from None
+    return choice
+
+
+@dataclass
+class Row:
+    label: str
+    images: list
+    real: list = field(default_factory=list)
+
+
+@dataclass
+class Studio:
+    work_dir: Path
+    dino_model: str
+    clip_model: str
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    _pipe: object = None
+    _pipe_model: str | None = None
+    _scorer: object = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pipeline(self, model: str):
+        from ..dreambooth.models import build_pipeline, load_parts
+
+        if self._pipe_model != model:
+            cfg = DreamBoothConfig(pretrained_model_name_or_path=model, instance_data_dir=".",
+                                   instance_prompt="-")
+            self._pipe = build_pipeline(cfg, load_parts(cfg)).to(self.device)
+            self._pipe_model = model
+        return self._pipe
+
+    def generate(self, model: str, runs: list[tuple[str, Path]], prompt: str, seed: int, n: int,
+                 steps: int, resolution: int, scale: float) -> list[Row]:
+        """The base model, then each run, all on the same prompt and seeds seed..seed+n-1."""
+        with self._lock:
+            pipe = self.pipeline(model)
+
+            def sample() -> list:
+                return [pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
+                             generator=torch.Generator().manual_seed(seed + i)).images[0] for i in range(n)]
+
+            rows = [Row("base", sample())]
+            for label, run_dir in runs:
+                load_into_pipeline(pipe, run_dir, scale=scale)
+                try:
+                    rows.append(Row(label, sample(), real=_instance_images(run_dir)))
+                finally:
+                    unload(pipe)
+        if runs:
+            rows[0].real = rows[1].real
+        return rows
+
+    def score(self, rows: list[Row], prompt: str) -> list[dict]:
+        """DINO / CLIP-I against each run's own subject images, CLIP-T against the prompt."""
+        if self._scorer is None:
+            self._scorer = FidelityScorer(self.dino_model, self.clip_model)
+        table = []
+        for row in rows:
+            if not row.real:
+                raise EvalError("no trained run to compare against: train a method first")
+            s = self._scorer.score(row.real, row.images, [prompt] * len(row.images))
+            table.append({"model": row.label, **{k: round(s[k], 4) for k in ("dino", "clip_i", "clip_t")}})
+        return table
+
+
+def _instance_images(run_dir: Path) -> list:
+    path = run_dir / "dreambooth_config.json"
+    cfg = DreamBoothConfig.from_dict(json.loads(path.read_text()), source=str(path))
+    return [e.image for e in scan_folder(cfg.instance_data_dir, cfg.instance_prompt, "--instance_data_dir")]

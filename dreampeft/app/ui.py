@@ -1,0 +1,203 @@
+"""The Gradio app: upload → train (queued, live) → generate side by side → scores and downloads.
+
+Handlers live on ``App`` and take and return plain values, so tests can call them without a
+browser; ``App.blocks()`` only lays out widgets and wires them to the handlers.
+"""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+from ..adapters import ConfigError
+from ..dreambooth import DreamBoothConfig, DreamBoothError
+from ..dreambooth.config import SUGGESTED_LR
+from ..eval import EvalError
+from .forms import IMAGE_SUFFIXES, UploadError, check_uploads, option_specs, options_from_values, stage_uploads
+from .jobs import JobQueue
+from .studio import PRESETS, TINY, ModelError, Studio, resolve_model
+
+JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA"]
+SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t"]
+DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
+              "dreambooth_config.json", "export_report.json")
+
+
+class App:
+    def __init__(self, work_dir: str | Path, model: str = TINY, dino_model: str | None = None,
+                 clip_model: str | None = None, queue: JobQueue | None = None):
+        from ..eval import DEFAULT_CLIP, DEFAULT_DINO
+
+        self.work_dir = Path(work_dir).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.model = model
+        self.queue = queue or JobQueue()
+        self.studio = Studio(self.work_dir, dino_model or DEFAULT_DINO, clip_model or DEFAULT_CLIP)
+        self.specs = option_specs(list(SUGGESTED_LR))  # the order the widgets are laid out in
+
+    # -- training ---------------------------------------------------------------------------
+    def train(self, model: str, files: list[str] | None, instance_prompt: str, class_word: str,
+              methods: list[str], steps: int, resolution: int, seed: int, validate_every: int,
+              *option_values) -> str:
+        """Validate everything, then queue one run per method; returns a message for the UI."""
+        lrs, values = option_values[:len(SUGGESTED_LR)], option_values[len(SUGGESTED_LR):]
+        try:
+            if not methods:
+                raise ConfigError("choose at least one method to train")
+            path = resolve_model(model, self.work_dir)
+            data = stage_uploads(check_uploads(files), self.work_dir / "uploads")
+            prompt = instance_prompt.strip() or f"a photo of sks {class_word.strip() or 'object'}"
+            configs = [self._config(path, data, prompt, m, int(steps), int(resolution), int(seed),
+                                    int(validate_every), float(lrs[list(SUGGESTED_LR).index(m)]),
+                                    options_from_values(self.specs, values, m)) for m in methods]
+        except (ConfigError, UploadError, ModelError, DreamBoothError, ValueError) as exc:
+            return f"**Cannot start:** {exc}"
+        jobs = [self.queue.submit(cfg) for cfg in configs]
+        return f"Queued {', '.join(f'{j.method} (run {j.id})' for j in jobs)} on `{model}`."
+
+    def _config(self, model: str, data: Path, prompt: str, method: str, steps: int, resolution: int,
+                seed: int, validate_every: int, lr: float, options: dict) -> DreamBoothConfig:
+        out = self.work_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+        while out.exists():
+            out = out.with_name(out.name + "+")
+        return DreamBoothConfig(
+            pretrained_model_name_or_path=model, instance_data_dir=str(data), instance_prompt=prompt,
+            output_dir=str(out), events=str(out / "events.jsonl"), adapter=method, adapter_options=options,
+            max_train_steps=steps, resolution=resolution, seed=seed, learning_rate=lr,
+            validation_prompt=prompt, num_validation_images=1, validation_steps=validate_every,
+            inference_steps=10 if resolution <= 128 else 25)
+
+    def stop(self) -> str:
+        n = self.queue.stop_all()
+        return f"Stopped {n} run(s)." if n else "Nothing is running."
+
+    def progress(self) -> tuple[list[list], list, list[str]]:
+        """Job rows, the newest validation samples, and download archives of finished runs."""
+        rows, samples, downloads = [], [], []
+        for job in self.queue.jobs:
+            p = job.progress()
+            step = f"{p['step']}/{p['total']}" if p["total"] else "–"
+            loss = f"{p['loss']:.4f}" if p["loss"] is not None else "–"
+            eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
+            state = p["state"] + (f": {p['error']}" if p["error"] else "")
+            rows.append([job.id, job.method, state, step, loss, eta])
+            samples += [(img, f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
+            if job.state == "done":
+                downloads.append(str(self._archive(job.output_dir)))
+        return rows, samples[-8:], downloads
+
+    def _archive(self, run_dir: Path) -> Path:
+        zip_path = self.work_dir / "downloads" / f"{run_dir.name}.zip"
+        if not zip_path.exists():
+            zip_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = zip_path.with_suffix(".tmp")
+            with zipfile.ZipFile(tmp, "w") as zf:
+                for name in DOWNLOADED:
+                    if (run_dir / name).exists():
+                        zf.write(run_dir / name, f"{run_dir.name}/{name}")
+            tmp.rename(zip_path)
+        return zip_path
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, model: str, prompt: str, seed: int, n: int, steps: int, resolution: int,
+                 scale: float) -> tuple[list, list[list], str]:
+        """Base model and every finished run on ``model``: same prompt, same seeds; then scores."""
+        try:
+            path = resolve_model(model, self.work_dir)
+            if not prompt.strip():
+                raise ConfigError("write a prompt, e.g. 'a photo of sks object on the beach'")
+            done = [j for j in self.queue.jobs if j.state == "done"]
+            runs = [(f"{j.method} (run {j.id})", j.output_dir) for j in done
+                    if j.cfg.pretrained_model_name_or_path == path]
+            rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps),
+                                        int(resolution), float(scale))
+        except (ConfigError, ModelError, DreamBoothError, ValueError) as exc:
+            return [], [], f"**Cannot generate:** {exc}"
+        gallery = [(img, f"{row.label} · seed {int(seed) + i}") for row in rows for i, img in enumerate(row.images)]
+        note = "" if runs else "No finished run on this model yet: showing the base model only. "
+        try:
+            scores = [[r[c] for c in SCORE_COLUMNS] for r in self.studio.score(rows, prompt)]
+        except (EvalError, OSError, ValueError) as exc:
+            return gallery, [], note + f"Scores unavailable: {exc}"
+        return gallery, scores, note + f"Scored {len(rows)} rows × {int(n)} image(s) against the subject images."
+
+    # -- layout ---------------------------------------------------------------------------------
+    def blocks(self):
+        import gradio as gr
+
+        with gr.Blocks(title="dreampeft") as demo:
+            gr.Markdown("# dreampeft\nPersonalise SDXL with **LoRA**, **LoRA-Dash**, **FourierFT** or "
+                        "**MoRA**: upload a subject, train, then compare methods side by side.")
+            model = gr.Dropdown(list(PRESETS), value=self.model, allow_custom_value=True,
+                                label="Base model (a preset, any hub id, or a local SDXL folder)", elem_id="model")
+            with gr.Tab("1 · Subject and training"):
+                train_inputs, train_btn, stop_btn, message = self._training_widgets(gr, model)
+            with gr.Tab("2 · Generate and compare"):
+                gen_inputs, gen_btn, gallery, scores, gen_message = self._generation_widgets(gr, model)
+            with gr.Row():
+                jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Runs (one trains at a time; the rest wait)",
+                                    interactive=False, elem_id="jobs")
+            samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="samples")
+            downloads = gr.File(label="Trained adapters (native + diffusers + model card)",
+                                file_count="multiple", interactive=False, elem_id="downloads")
+            train_btn.click(self.train, train_inputs, message)
+            stop_btn.click(self.stop, None, message)
+            gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
+            gr.Timer(1.0).tick(self.progress, None, [jobs, samples, downloads])
+            model.change(lambda m: (PRESETS.get(m, gr.skip()),) * 2, model, [train_inputs[6], gen_inputs[5]])
+        return demo
+
+    def _training_widgets(self, gr, model):
+        with gr.Row():
+            files = gr.File(label="Subject images (1–50; " + " ".join(IMAGE_SUFFIXES) + ")",
+                            file_count="multiple", file_types=list(IMAGE_SUFFIXES), elem_id="uploads")
+            with gr.Column():
+                prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog", elem_id="prompt")
+                class_word = gr.Textbox(label="Class (used when the prompt is blank)", value="object")
+                methods = gr.CheckboxGroup(list(SUGGESTED_LR), value=["lora"], label="Methods", elem_id="methods")
+        with gr.Row():
+            steps = gr.Number(200, label="Steps", precision=0, minimum=1, elem_id="steps")
+            resolution = gr.Number(PRESETS.get(self.model, 1024), label="Resolution", precision=0, minimum=8)
+            seed = gr.Number(0, label="Seed", precision=0)
+            every = gr.Number(0, label="Validate every N steps (0: at the end)", precision=0, minimum=0,
+                              elem_id="validate_every")
+        lrs, values = [], []
+        with gr.Accordion("Method options", open=False):
+            for method in SUGGESTED_LR:
+                with gr.Row():
+                    gr.Markdown(f"**{method}**")
+                    lrs.append(gr.Number(SUGGESTED_LR[method], label="learning rate"))
+                    values += [self._control(gr, s) for s in self.specs if s.method == method]
+        with gr.Row():
+            train_btn = gr.Button("Train", variant="primary", elem_id="train")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+        message = gr.Markdown(elem_id="train_message")
+        inputs = [model, files, prompt, class_word, methods, steps, resolution, seed, every, *lrs, *values]
+        return inputs, train_btn, stop_btn, message
+
+    @staticmethod
+    def _control(gr, spec):
+        if spec.kind == "bool":
+            return gr.Checkbox(spec.default, label=spec.name, info=spec.help)
+        if spec.kind == "choice":
+            return gr.Dropdown(list(spec.choices), value=spec.default, label=spec.name, info=spec.help)
+        return gr.Number(spec.default, label=spec.name + (" (blank: default)" if spec.optional else ""),
+                         info=spec.help, precision=0 if spec.kind == "int" else None)
+
+    def _generation_widgets(self, gr, model):
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", value="a photo of sks object", elem_id="gen_prompt", scale=3)
+            seed = gr.Number(0, label="Seed", precision=0)
+            n = gr.Slider(1, 8, value=2, step=1, label="Images per model")
+        with gr.Row():
+            steps = gr.Slider(1, 50, value=10, step=1, label="Denoising steps")
+            resolution = gr.Number(PRESETS.get(self.model, 1024), label="Resolution", precision=0, minimum=8)
+            scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")
+        gen_btn = gr.Button("Generate side by side", variant="primary", elem_id="generate")
+        gallery = gr.Gallery(label="Base model and each trained adapter (same prompt and seeds)", columns=4,
+                             elem_id="gallery")
+        scores = gr.Dataframe(headers=SCORE_COLUMNS, label="Subject fidelity (DINO, CLIP-I vs your images; "
+                              "CLIP-T vs the prompt)", interactive=False, elem_id="scores")
+        message = gr.Markdown(elem_id="gen_message")
+        return [model, prompt, seed, n, steps, resolution, scale], gen_btn, gallery, scores, message

@@ -1,0 +1,160 @@
+"""The app's handlers without a browser: upload checks, generated option controls, the job queue
+(order, progress, stop, failures) and side-by-side generation with scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreampeft.adapters import METHODS, AdapterConfig
+from dreampeft.app import App, JobQueue, UploadError, check_uploads, option_specs, studio
+from dreampeft.app.forms import options_from_values
+from dreampeft.dreambooth import DreamBoothConfig
+from dreampeft.dreambooth.config import SUGGESTED_LR
+from dreampeft.tiny import ASSETS
+
+SUBJECT = sorted(str(p) for p in (ASSETS / "subject").glob("*.png"))
+
+
+def _write(tmp_path, name, make):
+    path = tmp_path / name
+    make(path)
+    return str(path)
+
+
+UPLOAD_CASES = {
+    "nothing": ([], "upload 1 to 50 images"),
+    "text file": ([lambda p: p.write_text("hi")], "not an image type"),
+    "corrupt png": ([lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\nbroken")], "cannot be read as an image"),
+    "too small": ([lambda p: Image.new("RGB", (16, 40)).save(p)], "16×40 is too small"),
+    "too many": ([lambda p: Image.new("RGB", (64, 64)).save(p)] * 51, "use at most 50"),
+}
+
+
+@pytest.mark.parametrize("case", UPLOAD_CASES)
+def test_bad_uploads_are_refused_naming_the_file(case, tmp_path):
+    makers, message = UPLOAD_CASES[case]
+    suffix = ".txt" if case == "text file" else ".png"
+    files = [_write(tmp_path, f"f{i}{suffix}", m) for i, m in enumerate(makers)]
+    with pytest.raises(UploadError, match=message) as info:
+        check_uploads(files)
+    if files and case != "too many":
+        assert "f0" in str(info.value)
+
+
+def test_good_uploads_pass_in_every_format(tmp_path):
+    rgba = _write(tmp_path, "a.webp", lambda p: Image.new("RGBA", (64, 48)).save(p))
+    grey = _write(tmp_path, "b.JPG", lambda p: Image.new("L", (48, 64)).save(p, format="JPEG"))
+    assert [p.name for p in check_uploads([rgba, grey, *SUBJECT])][:2] == ["a.webp", "b.JPG"]
+
+
+def test_every_method_option_has_a_control_and_round_trips():
+    """A new field in any method config appears in the app; values become a valid config."""
+    skip = {f.name for f in dataclasses.fields(AdapterConfig)}
+    specs = option_specs()
+    assert set(SUGGESTED_LR) == set(METHODS)
+    for method, entry in METHODS.items():
+        fields = {f.name for f in dataclasses.fields(entry.config_cls)} - skip
+        assert {s.name for s in specs if s.method == method} == fields
+    values = [{"r": 16, "n_frequency": 64, "mora_type": "1", "rslora": True}.get(s.name, s.default) for s in specs]
+    assert options_from_values(specs, values, "mora") == {"r": 16, "mora_type": 1}
+    assert options_from_values(specs, values, "lora") == {"r": 16, "rslora": True}
+    for method in METHODS:  # every form produces a config the trainer accepts
+        DreamBoothConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p",
+                         adapter=method, adapter_options=options_from_values(specs, values, method))
+
+
+def _cfg(model, out, method="lora", steps=3, **kw):
+    return DreamBoothConfig(pretrained_model_name_or_path=str(model), instance_data_dir=str(ASSETS / "subject"),
+                            instance_prompt="a photo of sks star", output_dir=str(out), events=str(out / "ev.jsonl"),
+                            adapter=method, max_train_steps=steps, resolution=64, **kw)
+
+
+def test_queue_runs_one_job_at_a_time_and_reports_progress(tiny_sdxl, tmp_path):
+    queue = JobQueue()
+    first, second = (queue.submit(_cfg(tiny_sdxl, tmp_path / n, m)) for n, m in (("a", "lora"), ("b", "mora")))
+    assert second.state == "queued"
+    assert queue.wait(180)
+    assert [first.state, second.state] == ["done", "done"]
+    assert second.started >= first.ended  # never two trainings at once
+    p = second.progress()
+    assert (p["step"], p["total"], p["error"]) == (3, 3, None) and p["loss"] > 0
+    assert (tmp_path / "b" / "dreampeft_adapter.safetensors").exists()
+
+
+def test_stop_ends_the_running_job_and_cancels_the_queue(tiny_sdxl, tmp_path):
+    queue = JobQueue()
+    running = queue.submit(_cfg(tiny_sdxl, tmp_path / "long", steps=100_000))
+    waiting = queue.submit(_cfg(tiny_sdxl, tmp_path / "next"))
+    deadline = time.time() + 120
+    while running.progress()["step"] < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    assert running.progress()["step"] >= 1
+    assert queue.stop_all() == 2
+    assert queue.wait(30)
+    assert (running.state, waiting.state) == ("stopped", "stopped") and running.returncode != 0
+    assert waiting.process is None  # it never started
+
+
+def test_a_failing_run_shows_its_error(tiny_sdxl, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text((tiny_sdxl / "model_index.json").read_text())
+    queue = JobQueue()
+    job = queue.submit(_cfg(broken, tmp_path / "out"))
+    assert queue.wait(120) and job.state == "failed"
+    assert "cannot load" in job.progress()["error"]
+
+
+@pytest.fixture(scope="module")
+def trained_app(tiny_sdxl, eval_models, tmp_path_factory):
+    app = App(tmp_path_factory.mktemp("app"), model=str(tiny_sdxl), dino_model=str(eval_models[0]),
+              clip_model=str(eval_models[1]))
+    values = [s.default for s in app.specs]
+    lrs = [1e-2, 1e-2, 1e-1, 1e-2]
+    message = app.train(str(tiny_sdxl), SUBJECT, "a photo of sks star", "star", ["lora", "fourierft"],
+                        4, 64, 0, 2, *lrs, *values)
+    assert message.startswith("Queued lora (run 1), fourierft (run 2)")
+    assert app.queue.wait(180)
+    return app
+
+
+def test_app_trains_validates_and_offers_downloads(trained_app):
+    import zipfile
+
+    rows, samples, downloads = trained_app.progress()
+    assert [r[:4] for r in rows] == [[1, "lora", "done", "4/4"], [2, "fourierft", "done", "4/4"]]
+    assert len(samples) == 4  # validation every 2 steps, one image each, two runs
+    assert "step 4" in samples[-1][1]
+    names = zipfile.ZipFile(downloads[0]).namelist()
+    assert any(n.endswith("pytorch_lora_weights.safetensors") for n in names)
+    assert any(n.endswith("dreampeft_adapter.safetensors") for n in names)
+
+
+def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):
+    gallery, scores, message = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 2, 2, 64, 1.0)
+    assert [c for _, c in gallery] == [f"{row} · seed {s}" for row in ("base", "lora (run 1)", "fourierft (run 2)")
+                                       for s in (3, 4)]
+    assert [r[0] for r in scores] == ["base", "lora (run 1)", "fourierft (run 2)"]
+    assert all(-1 <= v <= 1 for r in scores for v in r[1:]), scores
+    pixels = [np.asarray(img, dtype=np.int16) for img, _ in gallery]
+    assert np.abs(pixels[2] - pixels[0]).max() > 0  # the trained adapter changes the image
+    off, _, _ = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 1, 2, 64, 0.0)
+    assert all(np.array_equal(np.asarray(off[0][0]), np.asarray(img)) for img, _ in off)  # scale 0 = base
+
+
+@pytest.mark.parametrize("model, message", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", "cannot be reached from here"),
+    ("/no/such/folder", "no model_index.json"),
+])
+def test_unusable_models_give_a_message_not_a_crash(trained_app, monkeypatch, model, message):
+    monkeypatch.setattr(studio, "_hub_reachable", lambda timeout_s=3.0: False)
+    values = [s.default for s in trained_app.specs]
+    assert message in trained_app.train(model, SUBJECT, "p", "c", ["lora"], 2, 64, 0, 0, *SUGGESTED_LR.values(), *values)
+    assert message in trained_app.generate(model, "p", 0, 1, 1, 64, 1.0)[2]
+    assert "choose at least one method" in trained_app.train(str(trained_app.model), SUBJECT, "p", "c", [], 2, 64, 0,
+                                                             0, *SUGGESTED_LR.values(), *values)

@@ -1,0 +1,136 @@
+"""The app in a real browser: `python app.py` on localhost, driven by headless Debian chromium
+through playwright — upload, train two methods, watch progress, generate side by side, scores,
+downloads; an unreachable model id; Stop. `make test` installs chromium.
+
+Set DREAMPEFT_SCREENSHOT=assets/app.png to refresh the README's screenshot from this run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from dreampeft.tiny import ASSETS
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBJECT = sorted(str(p) for p in (ASSETS / "subject").glob("*.png"))
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(eval_models, tmp_path_factory):
+    port, work = _free_port(), tmp_path_factory.mktemp("app-browser")
+    log = open(work / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--work_dir", str(work),
+                             "--dino_model", str(eval_models[0]), "--clip_model", str(eval_models[1])],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            assert proc.poll() is None, (work / "app.log").read_text()
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: run `make test`, or `apt-get install chromium`"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(app_url)
+    page.wait_for_selector("#train")
+    yield page
+    page.close()
+
+
+def _text(page, selector: str) -> str:
+    return page.locator(selector).text_content()  # innerText splits "name\n.ext" by layout
+
+
+def _wait_text(page, selector: str, needle: str, timeout_s: float) -> str:
+    page.wait_for_function("([s, n]) => document.querySelector(s).textContent.includes(n)",
+                           arg=[selector, needle], timeout=timeout_s * 1000)
+    return _text(page, selector)
+
+
+def _fill_training(page, steps: int):
+    page.locator("#uploads input[type=file]").set_input_files(SUBJECT)
+    _wait_text(page, "#uploads", "star-3", 30)
+    page.locator("#prompt textarea").fill("a photo of sks star")
+    page.locator("#steps input").fill(str(steps))
+
+
+def test_unreachable_model_is_a_message_in_the_ui(page):
+    model = page.locator("#model input")
+    model.fill("stabilityai/stable-diffusion-xl-base-1.0")
+    model.press("Enter")
+    _fill_training(page, 2)
+    page.locator("#train").click()
+    message = _wait_text(page, "#train_message", "Cannot start", 60)
+    assert "cannot be reached" in message and "tiny" in message
+
+
+def test_upload_train_generate_compare(page):
+    _fill_training(page, 6)
+    page.locator("#validate_every input").fill("3")
+    page.get_by_label("fourierft").check()
+    page.locator("#train").click()
+    assert "Queued lora (run" in _wait_text(page, "#train_message", "Queued", 60)
+    _wait_text(page, "#jobs", "running", 120)
+    page.wait_for_function("(document.querySelector('#jobs').textContent.match(/\\bdone\\b/g) || []).length >= 2",
+                           timeout=180_000)
+    jobs = _text(page, "#jobs")
+    assert "6/6" in jobs and "lora" in jobs and "fourierft" in jobs
+    page.wait_for_function("document.querySelectorAll('#samples img').length >= 4", timeout=10_000)
+    page.wait_for_function("document.querySelectorAll('#downloads a').length >= 2", timeout=10_000)
+    assert "-lora .zip" in _text(page, "#downloads") and "-fourierft .zip" in _text(page, "#downloads")
+
+    page.get_by_role("tab", name="2 · Generate and compare").click()
+    page.locator("#gen_prompt textarea").fill("a photo of sks star")
+    page.locator("#generate").click()
+    page.wait_for_function("document.querySelectorAll('#gallery img').length >= 6", timeout=120_000)
+    scores = _wait_text(page, "#scores", "fourierft", 30)
+    assert "base" in scores and "lora (run" in scores
+    assert "Scored 3 rows" in _text(page, "#gen_message")
+    shot = os.environ.get("DREAMPEFT_SCREENSHOT")
+    if shot:
+        page.screenshot(path=str(ROOT / shot), full_page=True)
+
+
+def test_stop_button_stops_a_long_run(page):
+    _fill_training(page, 100_000)
+    page.locator("#train").click()
+    _wait_text(page, "#jobs", "100000", 120)  # running, with progress shown
+    page.locator("#stop").click()
+    assert "Stopped 1 run" in _wait_text(page, "#train_message", "Stopped", 30)
+    _wait_text(page, "#jobs", "stopped", 30)
