@@ -2,7 +2,7 @@
 """The dreampeft app: upload subject images, train LoRA / LoRA-Dash / FourierFT / MoRA, generate
 side by side with the base model, and compare subject-fidelity scores.
 
-    python app.py                                   # http://127.0.0.1:7860, the offline tiny model
+    python app.py                                   # http://127.0.0.1:7860, the offline toy model
     python app.py --model stabilityai/stable-diffusion-xl-base-1.0 --port 8080
 
 It binds 127.0.0.1 unless --host says otherwise. Runs, uploads and downloads go to --work_dir.
@@ -16,14 +16,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dreampeft.app import TINY, App
+    from dreampeft.app import TOY, App
     from dreampeft.eval import DEFAULT_CLIP, DEFAULT_DINO
     from dreampeft.utils import quiet_libraries
 
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n")[0])
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to your network)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model", default=TINY, help="base model preselected in the UI: hub id or SDXL folder")
+    p.add_argument("--model", default=TOY, help="base model preselected in the UI: hub id or SDXL folder")
     p.add_argument("--work_dir", default="dreampeft-app", help="runs, uploads and downloads go here")
     p.add_argument("--dino_model", default=DEFAULT_DINO, help="DINO for the scores (hub id or folder)")
     p.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP for the scores (hub id or folder)")

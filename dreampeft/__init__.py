@@ -7,6 +7,18 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+import torch as _torch
+
+# Denormal floats stall CPU training: LoRA DreamBooth on the toy SDXL went from 0.33 s to ~10 s per
+# step after ~30 steps (the tiny gradients of a zero-initialised B reach Adam's state). Flushing
+# them to zero changes nothing that matters in fp32 training. The flag is per thread and worker
+# threads copy it when they start, so it is set here, before torch starts its pool; opt out with
+# DREAMPEFT_KEEP_DENORMALS=1.
+if _os.environ.get("DREAMPEFT_KEEP_DENORMALS") != "1":
+    _torch.set_flush_denormal(True)
+
 from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, AdapterLayer,
                        ConfigError, FourierFTConfig, LoRAConfig, LoRADashConfig, MoRAConfig,
                        config_from_dict, dash_step, get_method, is_dash_active, launch_dash)

@@ -1,12 +1,13 @@
 """Compare methods on one subject: same images, seed and step budget; same prompts and seeds.
 
-    python -m dreampeft.compare --pretrained_model_name_or_path M --instance_data_dir dog/ \\
+    python -m dreampeft.compare [--pretrained_model_name_or_path M] --instance_data_dir dog/ \\
         --instance_prompt "a photo of sks dog" --subject "sks dog" --methods lora,lora_dash,fourierft,mora \\
         --max_train_steps 500 --out compare/
 
 Writes ``compare/<method>/`` (each run), ``compare/images/<row>/`` (generations with their
 prompts), ``grid.png`` (rows: base model and each method; columns: prompts), ``results.json`` and
-``results.md`` (trainable parameters, file size, train time, peak memory, DINO, CLIP-I, CLIP-T).
+``results.md`` (trainable parameters, file size, train time, peak memory, DINO, CLIP-I, CLIP-T,
+and on the toy model its judge's DINO-style similarity, which works offline).
 Peak memory is the CUDA allocator's peak per method on GPU; on CPU it is the process's max RSS so
 far, which only grows, so read it as an upper bound there.
 Prompts: ``--prompts "a,b"``, or the 25 DreamBooth prompts for ``--subject`` (``--live`` for pets).
@@ -31,6 +32,8 @@ from .dreambooth.data import scan_folder
 from .dreambooth.events import read_events
 from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
 from .pipeline import load_into_pipeline, unload
+from .toy import TOY_MODEL
+from .toy.evaluate import judge_similarity, load_judge
 from .utils import image_grid, quiet_libraries
 
 
@@ -79,19 +82,22 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
         rows[method] = generate(pipe, prompts, out / "images" / method, base, steps)
         unload(pipe)
     image_grid(list(rows.values())).save(out / "grid.png")
+    judge = load_judge(base.pretrained_model_name_or_path) if has_judge(base.pretrained_model_name_or_path) else None
     for row, images in rows.items():
         entry = results.setdefault(row, {})
         if scorer is not None:
             entry.update({k: v for k, v in scorer.score(real, images, prompts).items()
                           if k in ("dino", "clip_i", "clip_t")})
+        if judge is not None:
+            entry["toy_judge"] = judge_similarity(judge, real, images)
     return results
 
 
 def write_tables(results: dict, out: Path, prompts: list[str]) -> str:
     (out / "results.json").write_text(json.dumps({"prompts": prompts, "results": results}, indent=1) + "\n")
     cols = [("trainable", "{:,}"), ("file_kib", "{:.1f}"), ("train_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
-            ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}")]
-    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T |",
+            ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}"), ("toy_judge", "{:.4f}")]
+    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T | toy judge |",
              "|---|" + "---:|" * len(cols)]
     for row, r in results.items():
         lines.append(f"| {row} | " + " | ".join(fmt.format(r[k]) if k in r else "–" for k, fmt in cols) + " |")
@@ -100,15 +106,31 @@ def write_tables(results: dict, out: Path, prompts: list[str]) -> str:
     return table
 
 
+def has_judge(model: str) -> bool:
+    return (Path(model) / "judge.safetensors").exists()
+
+
+def _scorer(args) -> FidelityScorer | None:
+    """DINO/CLIP; offline on the toy model, its judge alone scores (with a note saying so)."""
+    try:
+        return FidelityScorer(args.dino_model, args.clip_model)
+    except EvalError as exc:
+        if not has_judge(args.pretrained_model_name_or_path):
+            raise
+        print(f"note: DINO/CLIP unavailable ({exc}); scoring with the toy judge only", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dreampeft.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--pretrained_model_name_or_path", required=True)
+    p.add_argument("--pretrained_model_name_or_path", default=str(TOY_MODEL),
+                   help="SDXL hub id or folder (default: the offline toy model, scored by its judge too)")
     p.add_argument("--instance_data_dir", required=True)
     p.add_argument("--instance_prompt", required=True)
     p.add_argument("--methods", default="lora,lora_dash,fourierft,mora")
     p.add_argument("--learning_rates", default="", help="per method, e.g. lora=1e-4,fourierft=5e-2")
     p.add_argument("--max_train_steps", type=int, default=500)
-    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--resolution", type=int, help="default: 64 on the toy model, else 1024")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", help="comma-separated prompts (default: the DreamBooth prompts for --subject)")
     p.add_argument("--subject", help="e.g. 'sks dog': selects the 25 DreamBooth evaluation prompts")
@@ -133,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         base = DreamBoothConfig(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,
-            max_train_steps=args.max_train_steps, resolution=args.resolution, seed=args.seed)
-        scorer = None if args.no_metrics else FidelityScorer(args.dino_model, args.clip_model)
+            max_train_steps=args.max_train_steps, seed=args.seed,
+            resolution=args.resolution or (64 if has_judge(args.pretrained_model_name_or_path) else 1024))
+        scorer = None if args.no_metrics else _scorer(args)
         out = Path(args.out)
         results = compare(base, methods, prompts, out, lrs, scorer, args.inference_steps)
     except (ConfigError, DreamBoothError, EvalError, ValueError) as exc:

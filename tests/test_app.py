@@ -140,11 +140,21 @@ def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):
     assert [c for _, c in gallery] == [f"{row} · seed {s}" for row in ("base", "lora (run 1)", "fourierft (run 2)")
                                        for s in (3, 4)]
     assert [r[0] for r in scores] == ["base", "lora (run 1)", "fourierft (run 2)"]
-    assert all(-1 <= v <= 1 for r in scores for v in r[1:]), scores
+    assert all(-1 <= v <= 1 for r in scores for v in r[1:4]) and {r[4] for r in scores} == {"–"}, scores
     pixels = [np.asarray(img, dtype=np.int16) for img, _ in gallery]
     assert np.abs(pixels[2] - pixels[0]).max() > 0  # the trained adapter changes the image
     off, _, _ = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 1, 2, 64, 0.0)
     assert all(np.array_equal(np.asarray(off[0][0]), np.asarray(img)) for img, _ in off)  # scale 0 = base
+
+
+def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
+    from dreampeft.app import TOY
+    from dreampeft.app.ui import preset_defaults
+    from dreampeft.toy import TOY_MODEL
+
+    assert studio.resolve_model(TOY, tmp_path) == str(TOY_MODEL)
+    assert preset_defaults(TOY)[:2] == (64, 64) and preset_defaults(TOY)[2:] > preset_defaults("")[2:]
+    assert preset_defaults("my/custom-sdxl") is None  # custom models keep the fields as set
 
 
 @pytest.mark.parametrize("model, message", [

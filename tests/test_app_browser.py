@@ -97,7 +97,7 @@ def test_unreachable_model_is_a_message_in_the_ui(page):
     _fill_training(page, 2)
     page.locator("#train").click()
     message = _wait_text(page, "#train_message", "Cannot start", 60)
-    assert "cannot be reached" in message and "tiny" in message
+    assert "cannot be reached" in message and "toy SDXL" in message
 
 
 def test_upload_train_generate_compare(page):

@@ -2,8 +2,8 @@
 
 from .forms import UploadError, check_uploads, option_specs
 from .jobs import Job, JobQueue
-from .studio import TINY, ModelError, Studio, resolve_model
+from .studio import TINY, TOY, ModelError, Studio, resolve_model
 from .ui import App
 
-__all__ = ["App", "Job", "JobQueue", "ModelError", "Studio", "TINY", "UploadError", "check_uploads",
+__all__ = ["App", "Job", "JobQueue", "ModelError", "Studio", "TINY", "TOY", "UploadError", "check_uploads",
            "option_specs", "resolve_model"]

@@ -16,9 +16,12 @@ from ..dreambooth import DreamBoothConfig
 from ..dreambooth.data import scan_folder
 from ..eval import EvalError, FidelityScorer
 from ..pipeline import load_into_pipeline, unload
+from ..toy import TOY_MODEL
+from ..toy.evaluate import judge_similarity, load_judge
 
-TINY = "dreampeft tiny SDXL (offline demo, random weights)"
-PRESETS = {TINY: 64, "stabilityai/stable-diffusion-xl-base-1.0": 1024}
+TOY = "dreampeft toy SDXL (offline; draws shapes, trained in this project)"
+TINY = "dreampeft tiny SDXL (offline; random weights, draws noise)"
+PRESETS = {TOY: 64, TINY: 64, "stabilityai/stable-diffusion-xl-base-1.0": 1024}
 
 
 class ModelError(ValueError):
@@ -40,6 +43,10 @@ def resolve_model(choice: str, work_dir: Path) -> str:
     """A local folder or hub id for ``choice``; builds the tiny model on first use. Fails fast
     (seconds, not the hub client's retries) when a hub id cannot be reached."""
     choice = (choice or "").strip()
+    if choice == TOY:
+        if not (TOY_MODEL / "model_index.json").exists():
+            raise ModelError(f"{TOY_MODEL} is missing; rebuild it with `python -m dreampeft.toy pretrain {TOY_MODEL}`")
+        return str(TOY_MODEL)
     if choice == TINY:
         from ..tiny import save_tiny_sdxl
 
@@ -63,7 +70,7 @@ def resolve_model(choice: str, work_dir: Path) -> str:
         pass
     if not _hub_reachable():
         raise ModelError(f"{choice}: the Hugging Face hub cannot be reached from here and the model is "
-                         f"not cached; pick '{TINY}' or a local SDXL folder")
+                         f"not cached; pick '{TOY}' or a local SDXL folder")
     try:
         hf_hub_download(choice, "model_index.json")
     except Exception as exc:
@@ -121,17 +128,33 @@ class Studio:
             rows[0].real = rows[1].real
         return rows
 
-    def score(self, rows: list[Row], prompt: str) -> list[dict]:
-        """DINO / CLIP-I against each run's own subject images, CLIP-T against the prompt."""
-        if self._scorer is None:
-            self._scorer = FidelityScorer(self.dino_model, self.clip_model)
+    def score(self, rows: list[Row], model: str, prompt: str) -> tuple[list[dict], str]:
+        """DINO / CLIP-I against each run's own subject images and CLIP-T against the prompt, plus
+        the toy judge's similarity when ``model`` has one; a note says what could not be scored."""
+        if any(not row.real for row in rows):
+            raise EvalError("no trained run to compare against: train a method first")
+        judge, note = self._judge(model), ""
+        try:
+            if self._scorer is None:
+                self._scorer = FidelityScorer(self.dino_model, self.clip_model)
+        except EvalError as exc:
+            if judge is None:
+                raise
+            note = f"DINO/CLIP unavailable ({exc})"
         table = []
         for row in rows:
-            if not row.real:
-                raise EvalError("no trained run to compare against: train a method first")
-            s = self._scorer.score(row.real, row.images, [prompt] * len(row.images))
-            table.append({"model": row.label, **{k: round(s[k], 4) for k in ("dino", "clip_i", "clip_t")}})
-        return table
+            entry = {"model": row.label}
+            if self._scorer is not None:
+                s = self._scorer.score(row.real, row.images, [prompt] * len(row.images))
+                entry.update({k: round(s[k], 4) for k in ("dino", "clip_i", "clip_t")})
+            if judge is not None:
+                entry["toy_judge"] = round(judge_similarity(judge, row.real, row.images), 4)
+            table.append(entry)
+        return table, note
+
+    @staticmethod
+    def _judge(model: str):
+        return load_judge(model) if (Path(model) / "judge.safetensors").exists() else None
 
 
 def _instance_images(run_dir: Path) -> list:

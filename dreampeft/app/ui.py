@@ -16,16 +16,28 @@ from ..dreambooth.config import SUGGESTED_LR
 from ..eval import EvalError
 from .forms import IMAGE_SUFFIXES, UploadError, check_uploads, option_specs, options_from_values, stage_uploads
 from .jobs import JobQueue
-from .studio import PRESETS, TINY, ModelError, Studio, resolve_model
+from ..toy.bench import TOY_METHODS
+from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
+
+TOY_LR = {m: spec["lr"] for m, spec in TOY_METHODS.items()}  # the 64 px presets learn in ~100 steps
 
 JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA"]
-SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t"]
+SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
 DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
               "dreambooth_config.json", "export_report.json")
 
 
+def preset_defaults(model: str) -> tuple | None:
+    """(train resolution, generation resolution, learning rate per method) for a preset model; None
+    for a custom id or folder (the fields keep what the user set). An empty name gives SDXL's."""
+    if model in PRESETS or not model:
+        lrs = TOY_LR if PRESETS.get(model) == 64 else SUGGESTED_LR
+        return (PRESETS.get(model, 1024),) * 2 + tuple(lrs[m] for m in SUGGESTED_LR)
+    return None
+
+
 class App:
-    def __init__(self, work_dir: str | Path, model: str = TINY, dino_model: str | None = None,
+    def __init__(self, work_dir: str | Path, model: str = TOY, dino_model: str | None = None,
                  clip_model: str | None = None, queue: JobQueue | None = None):
         from ..eval import DEFAULT_CLIP, DEFAULT_DINO
 
@@ -35,6 +47,7 @@ class App:
         self.queue = queue or JobQueue()
         self.studio = Studio(self.work_dir, dino_model or DEFAULT_DINO, clip_model or DEFAULT_CLIP)
         self.specs = option_specs(list(SUGGESTED_LR))  # the order the widgets are laid out in
+        self._defaults = preset_defaults(model) or preset_defaults("")
 
     # -- training ---------------------------------------------------------------------------
     def train(self, model: str, files: list[str] | None, instance_prompt: str, class_word: str,
@@ -117,10 +130,12 @@ class App:
         gallery = [(img, f"{row.label} · seed {int(seed) + i}") for row in rows for i, img in enumerate(row.images)]
         note = "" if runs else "No finished run on this model yet: showing the base model only. "
         try:
-            scores = [[r[c] for c in SCORE_COLUMNS] for r in self.studio.score(rows, prompt)]
+            table, missing = self.studio.score(rows, path, prompt)
         except (EvalError, OSError, ValueError) as exc:
             return gallery, [], note + f"Scores unavailable: {exc}"
-        return gallery, scores, note + f"Scored {len(rows)} rows × {int(n)} image(s) against the subject images."
+        scores = [[r.get(c, "–") for c in SCORE_COLUMNS] for r in table]
+        note += f"Scored {len(rows)} rows × {int(n)} image(s) against the subject images."
+        return gallery, scores, note + (f" {missing}." if missing else "")
 
     # -- layout ---------------------------------------------------------------------------------
     def blocks(self):
@@ -145,7 +160,9 @@ class App:
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
             gr.Timer(1.0).tick(self.progress, None, [jobs, samples, downloads])
-            model.change(lambda m: (PRESETS.get(m, gr.skip()),) * 2, model, [train_inputs[6], gen_inputs[5]])
+            lr_widgets = train_inputs[9:9 + len(SUGGESTED_LR)]
+            model.change(lambda m: preset_defaults(m) or (gr.skip(),) * (2 + len(lr_widgets)), model,
+                         [train_inputs[6], gen_inputs[5], *lr_widgets])
         return demo
 
     def _training_widgets(self, gr, model):
@@ -157,8 +174,8 @@ class App:
                 class_word = gr.Textbox(label="Class (used when the prompt is blank)", value="object")
                 methods = gr.CheckboxGroup(list(SUGGESTED_LR), value=["lora"], label="Methods", elem_id="methods")
         with gr.Row():
-            steps = gr.Number(200, label="Steps", precision=0, minimum=1, elem_id="steps")
-            resolution = gr.Number(PRESETS.get(self.model, 1024), label="Resolution", precision=0, minimum=8)
+            steps = gr.Number(150, label="Steps", precision=0, minimum=1, elem_id="steps")
+            resolution = gr.Number(self._defaults[0], label="Resolution", precision=0, minimum=8)
             seed = gr.Number(0, label="Seed", precision=0)
             every = gr.Number(0, label="Validate every N steps (0: at the end)", precision=0, minimum=0,
                               elem_id="validate_every")
@@ -167,7 +184,7 @@ class App:
             for method in SUGGESTED_LR:
                 with gr.Row():
                     gr.Markdown(f"**{method}**")
-                    lrs.append(gr.Number(SUGGESTED_LR[method], label="learning rate"))
+                    lrs.append(gr.Number(self._defaults[2 + len(lrs)], label="learning rate"))
                     values += [self._control(gr, s) for s in self.specs if s.method == method]
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id="train")
@@ -187,17 +204,18 @@ class App:
 
     def _generation_widgets(self, gr, model):
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value="a photo of sks object", elem_id="gen_prompt", scale=3)
+            prompt = gr.Textbox(label="Prompt", value="a sks object on a green background", elem_id="gen_prompt",
+                                scale=3)
             seed = gr.Number(0, label="Seed", precision=0)
             n = gr.Slider(1, 8, value=2, step=1, label="Images per model")
         with gr.Row():
             steps = gr.Slider(1, 50, value=10, step=1, label="Denoising steps")
-            resolution = gr.Number(PRESETS.get(self.model, 1024), label="Resolution", precision=0, minimum=8)
+            resolution = gr.Number(self._defaults[0], label="Resolution", precision=0, minimum=8)
             scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Adapter scale", elem_id="scale")
         gen_btn = gr.Button("Generate side by side", variant="primary", elem_id="generate")
         gallery = gr.Gallery(label="Base model and each trained adapter (same prompt and seeds)", columns=4,
                              elem_id="gallery")
         scores = gr.Dataframe(headers=SCORE_COLUMNS, label="Subject fidelity (DINO, CLIP-I vs your images; "
-                              "CLIP-T vs the prompt)", interactive=False, elem_id="scores")
+                              "CLIP-T vs the prompt; toy_judge: the toy model's judge, DINO-style)", interactive=False, elem_id="scores")
         message = gr.Markdown(elem_id="gen_message")
         return [model, prompt, seed, n, steps, resolution, scale], gen_btn, gallery, scores, message

@@ -1,0 +1,137 @@
+"""``python -m dreampeft.toy bench``: DreamBooth on subjects the toy model has never seen, every
+method with the same seed, steps and images, measured by the judge.
+
+Subjects (``toyworld.SUBJECTS``): an orange star (a new shape) and a red-and-white striped ball (a
+new surface pattern), 5 instance images each on white/gray/blue/striped backgrounds. After
+training on "a sks object", each method draws held-out recontext prompts — backgrounds, corners
+and sizes its instance images never showed — and the judge reads every image:
+
+* subject fidelity: the judge's probability that the object is the subject (base model: ~0);
+* prompt fidelity: the share of the attributes a prompt asks for (background, position, size) that
+  the judge reads off the image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..dreambooth import DreamBoothConfig, train
+from ..dreambooth.events import read_events
+from ..toyworld import SUBJECTS, render, subject_scenes
+from ..utils import image_grid
+from .evaluate import generate, judge_images
+from .models import HEADS
+
+INSTANCE_PROMPT = "a sks object"
+RECONTEXT = {  # prompt → the attributes it asks for
+    "a sks object on a green background": {"background": "green"},
+    "a sks object on a black background": {"background": "black"},
+    "a sks object on a checkered background": {"background": "checkered"},
+    "a small sks object in the top left corner": {"size": "small", "position": "top left"},
+    "a large sks object in the bottom right corner": {"size": "large", "position": "bottom right"},
+}
+# Per-method options and learning rates for the toy. Not swept; one check: FourierFT at 5e-2 (its SDXL-scale
+# rate) wrecked the model (subject 0.008, prompt 0.14), at 5e-3 it learns the star (0.47).
+TOY_METHODS = {
+    "lora": {"options": {"r": 4}, "lr": 2e-3},
+    "lora_dash": {"options": {"r": 4, "warmup_steps": 100, "n_directions": 4}, "lr": 2e-3},
+    "fourierft": {"options": {"n_frequency": 1000, "scaling": 150.0}, "lr": 5e-3},
+    "mora": {"options": {"r": 4, "mora_type": 6}, "lr": 2e-3},
+}
+
+
+def write_subject(subject: str, folder: Path, n: int = 5) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(subject_scenes(subject, n)):
+        render(scene).save(folder / f"{subject}-{i}.png")
+    return folder
+
+
+def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: int, seed: int = 0,
+                  lr: float | None = None) -> dict:
+    spec = TOY_METHODS[method]
+    cfg = DreamBoothConfig(
+        pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
+        instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec["options"],
+        learning_rate=lr or spec["lr"], resolution=64, max_train_steps=steps, train_batch_size=2, seed=seed,
+        events=str(out / "events.jsonl"), export_rank=8)
+    (out / "events.jsonl").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    train(cfg)
+    events = read_events(out / "events.jsonl")
+    steps_t = [e["time"] for e in events if e["event"] == "step"]
+    return {"trainable": events[0]["trainable"], "train_s": time.perf_counter() - t0,
+            "step_ms": 1000 * (steps_t[-1] - steps_t[0]) / max(1, len(steps_t) - 1)}
+
+
+def score(judge, images: list, prompts: list[str], subject: str) -> dict:
+    """Subject fidelity and prompt fidelity (see the module docstring) of images for prompts."""
+    probs = judge_images(judge, images)
+    subject_p = probs["object"][:, HEADS["object"].index(subject)]
+    hits = [HEADS[h][int(probs[h][i].argmax())] == want
+            for i, p in enumerate(prompts) for h, want in RECONTEXT.get(p, {}).items()]
+    return {"subject": float(subject_p.mean()), "subject_top1": float((subject_p > 0.5).float().mean()),
+            "prompt": float(np.mean(hits)) if hits else float("nan")}
+
+
+def generations(pipe, seeds: int) -> tuple[list[str], list]:
+    prompts = [p for p in RECONTEXT for _ in range(seeds)]
+    return prompts, generate(pipe, prompts, seed=0)
+
+
+def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = 150, seeds: int = 4,
+              subjects: list[str] | None = None, log=print) -> dict:
+    """Train every method on every subject, generate the recontext prompts, score; write
+    ``results.json``, ``results.md`` and ``grid.png`` into ``out``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..pipeline import load_into_pipeline, unload
+    from .evaluate import load_judge
+
+    out, judge = Path(out), load_judge(model_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, base_images = generations(pipe, seeds)
+    results, grid = {}, []
+    subjects = subjects or list(SUBJECTS)
+    for subject in subjects:
+        folder = write_subject(subject, out / "subjects" / subject)
+        grid.append([render(s) for s in subject_scenes(subject, 5)])
+        grid.append(base_images[::seeds])
+        results[f"base/{subject}"] = score(judge, base_images, prompts, subject)
+        for method in methods:
+            run = out / "runs" / f"{subject}-{method}"
+            stats = train_subject(model_dir, folder, method, run, steps)
+            load_into_pipeline(pipe, run)
+            images = generations(pipe, seeds)[1]
+            unload(pipe)
+            results[f"{method}/{subject}"] = {**stats, **score(judge, images, prompts, subject)}
+            grid.append(images[::seeds])
+            r = results[f"{method}/{subject}"]
+            log(f"{subject} {method}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}, {r['train_s']:.0f} s")
+    image_grid(grid).save(out / "grid.png")
+    (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "prompts": list(RECONTEXT),
+                                                  "results": results}, indent=1) + "\n")
+    table = results_table(results, ["base", *methods], subjects)
+    (out / "results.md").write_text(table + "\n")
+    return results
+
+
+def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
+    subjects = subjects or list(SUBJECTS)
+    head = ("| method | trainable | step ms | " + " | ".join(f"subject: {s}" for s in subjects)
+            + " | subject (mean) | prompt fidelity |")
+    lines = [head, "|---|" + "---:|" * (4 + len(subjects))]
+    for row in rows:
+        r = [results[f"{row}/{s}"] for s in subjects]
+        trainable = f"{r[0]['trainable']:,}" if "trainable" in r[0] else "–"
+        step = f"{np.mean([x['step_ms'] for x in r]):.0f}" if "step_ms" in r[0] else "–"
+        per = " | ".join(f"{x['subject']:.3f}" for x in r)
+        lines.append(f"| {row} | {trainable} | {step} | {per} | {np.mean([x['subject'] for x in r]):.3f} | "
+                     f"{np.mean([x['prompt'] for x in r]):.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""A procedural world of captioned 64×64 images, deterministic from a seed.
+
+One object (a shape in a colour, at a size and position) on a plain or patterned background:
+
+    >>> scene = sample_scene(random.Random(0)); scene.caption()
+    'a small red triangle in the top left corner on a gray background'
+    >>> image = render(scene)                                  # PIL 64×64 RGB
+
+Captions leave out some attributes at random (the model then learns their marginals), so short
+prompts like "a blue circle" work too. ``SUBJECTS`` are objects the toy base model never sees —
+a new shape and a new surface pattern — for the DreamBooth benchmark (``python -m dreampeft.toy
+bench``). Shapes are drawn at 4× and downsampled, so edges are anti-aliased the same way always.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+from PIL import Image, ImageDraw
+
+SIZE = 64
+SUPERSAMPLE = 4
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
+           "purple": (140, 50, 180), "orange": (245, 130, 20), "white": (245, 245, 245),
+           "gray": (128, 128, 128), "black": (20, 20, 20)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+OBJECT_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+PLAIN = ("white", "gray", "black", "blue", "green", "yellow")
+PATTERNS = ("striped", "checkered", "dotted")
+BACKGROUNDS = PLAIN + PATTERNS
+POSITIONS = {"center": (0.5, 0.5), "top left": (0.27, 0.27), "top right": (0.73, 0.27),
+             "bottom left": (0.27, 0.73), "bottom right": (0.73, 0.73)}
+SIZES = {"small": 0.22, "large": 0.42}  # object diameter as a share of the image side
+# Objects the base model never sees: a new shape, and a known shape with a new surface pattern.
+SUBJECTS = {"star": ("star", "orange"), "striped_ball": ("circle", "red_white_stripes")}
+OBJECTS = SHAPES + tuple(SUBJECTS)  # the judge's object classes
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str  # one of SHAPES, or a SUBJECTS key
+    colour: str  # a COLOURS key (a subject's own surface for SUBJECTS)
+    size: str
+    position: str
+    background: str
+    jitter: tuple[float, float] = (0.0, 0.0)  # offset in image shares, for variety
+    angle: float = 0.0  # degrees
+    mention: tuple[str, ...] = ("size", "position", "background")  # attributes the caption names
+
+    def caption(self, name: str | None = None) -> str:
+        """English caption; ``name`` replaces "colour shape" (e.g. "sks object" for a subject)."""
+        words = ["a"]
+        if "size" in self.mention:
+            words.append(self.size)
+        words.append(name or f"{self.colour} {self.shape}")
+        if "position" in self.mention:
+            words.append("in the center" if self.position == "center" else f"in the {self.position} corner")
+        if "background" in self.mention:
+            words.append(f"on a {self.background} background")
+        return " ".join(words)
+
+
+def sample_scene(rng: random.Random, subject: str | None = None, mention_p: float = 0.7) -> Scene:
+    """A random scene of the base world, or one showing ``subject`` (a SUBJECTS key)."""
+    shape, colour = (subject, SUBJECTS[subject][1]) if subject else (rng.choice(SHAPES), rng.choice(OBJECT_COLOURS))
+    background = rng.choice([b for b in BACKGROUNDS if b != colour])
+    mention = tuple(a for a in ("size", "position", "background") if rng.random() < mention_p)
+    return Scene(shape, colour, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), background,
+                 (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), rng.uniform(-12, 12), mention)
+
+
+def world_sample(seed: int, index: int, subject_rate: float = 0.0) -> Scene:
+    """Scene ``index`` of the world with this seed: the same on every machine and run."""
+    rng = random.Random(seed * 1_000_003 + index)
+    subject = rng.choice(list(SUBJECTS)) if rng.random() < subject_rate else None
+    return sample_scene(rng, subject)
+
+
+def _background(draw: ImageDraw.ImageDraw, name: str, side: int) -> None:
+    if name in COLOURS:
+        draw.rectangle([0, 0, side, side], fill=COLOURS[name])
+        return
+    light, dark = (200, 200, 200), (90, 90, 90)
+    draw.rectangle([0, 0, side, side], fill=light)
+    cell = side // 8
+    for i in range(8):
+        for j in range(8):
+            x, y = i * cell, j * cell
+            if name == "striped" and i % 2 == 0:
+                draw.rectangle([x, 0, x + cell - 1, side], fill=dark)
+            elif name == "checkered" and (i + j) % 2 == 0:
+                draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=dark)
+            elif name == "dotted":
+                r = cell // 4
+                draw.ellipse([x + cell // 2 - r, y + cell // 2 - r, x + cell // 2 + r, y + cell // 2 + r], fill=dark)
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [(math.pi / 4 + k * math.pi / 2, r) for k in range(4)]
+    elif shape == "diamond":
+        pts = [(k * math.pi / 2, r) for k in range(4)]
+    elif shape == "triangle":
+        pts = [(-math.pi / 2 + k * 2 * math.pi / 3, r) for k in range(3)]
+    else:  # star: five points, inner radius 0.45 r
+        pts = [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r) for k in range(10)]
+    a = math.radians(angle)
+    return [(cx + rad * math.cos(t + a), cy + rad * math.sin(t + a)) for t, rad in pts]
+
+
+def render(scene: Scene) -> Image.Image:
+    side = SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (side, side))
+    draw = ImageDraw.Draw(image)
+    _background(draw, scene.background, side)
+    px, py = POSITIONS[scene.position]
+    cx, cy = (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side
+    r = SIZES[scene.size] * side / 2
+    shape = SUBJECTS[scene.shape][0] if scene.shape in SUBJECTS else scene.shape
+    if shape == "circle":
+        box = [cx - r, cy - r, cx + r, cy + r]
+        if scene.colour == "red_white_stripes":  # diagonal bands clipped to the disc
+            stripes = Image.new("RGB", (side, side), COLOURS["white"])
+            sd = ImageDraw.Draw(stripes)
+            band = max(2, int(r / 2.5))
+            for k in range(-side, 2 * side, 2 * band):
+                sd.polygon([(k, 0), (k + band, 0), (k + band - side, side), (k - side, side)], fill=COLOURS["red"])
+            mask = Image.new("L", (side, side), 0)
+            ImageDraw.Draw(mask).ellipse(box, fill=255)
+            image.paste(stripes, (0, 0), mask)
+        else:
+            draw.ellipse(box, fill=COLOURS[scene.colour])
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, scene.angle), fill=COLOURS[scene.colour])
+    return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def subject_scenes(subject: str, n: int, seed: int = 0) -> list[Scene]:
+    """``n`` instance scenes of ``subject`` with varied positions, sizes and backgrounds — none of
+    the backgrounds the benchmark's recontext prompts ask for (INSTANCE_BACKGROUNDS)."""
+    rng = random.Random(f"{subject}-{seed}")
+    scenes = []
+    for i in range(n):
+        s = sample_scene(rng, subject)
+        scenes.append(replace(s, background=INSTANCE_BACKGROUNDS[i % len(INSTANCE_BACKGROUNDS)],
+                              position=list(POSITIONS)[i % len(POSITIONS)]))
+    return scenes
+
+
+INSTANCE_BACKGROUNDS = ("white", "gray", "blue", "striped")

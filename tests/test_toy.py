@@ -1,0 +1,128 @@
+"""The toy world and the shipped toy SDXL: determinism, that the model follows prompts, that the
+judge reads the world, and that DreamBooth on it learns a subject the base model never saw."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dreampeft.toy import TOY_MODEL
+from dreampeft.toy.bench import score, train_subject, write_subject
+from dreampeft.toy.evaluate import generate, judge_images, load_judge, prompt_following
+from dreampeft.toy.models import HEADS, scene_labels
+from dreampeft.toyworld import SUBJECTS, render, sample_scene, world_sample
+
+
+def test_world_is_deterministic_and_captions_say_what_is_drawn():
+    a = [world_sample(3, i) for i in range(50)]
+    assert a == [world_sample(3, i) for i in range(50)]
+    assert a != [world_sample(4, i) for i in range(50)]
+    assert all(np.array_equal(np.asarray(render(s)), np.asarray(render(s))) for s in a[:5])
+    for s in a:
+        caption = s.caption()
+        assert f"{s.colour} {s.shape}" in caption
+        assert ("background" in s.mention) == (f"on a {s.background} background" in caption)
+        assert s.background != s.colour  # the object is always visible
+    assert sample_scene(random.Random(0)).caption() == sample_scene(random.Random(0)).caption()
+
+
+def test_base_world_never_shows_the_subjects():
+    shapes = {world_sample(0, i).shape for i in range(3000)}
+    assert shapes.isdisjoint(SUBJECTS) and len(shapes) == 4
+    with_subjects = {world_sample(0, i, subject_rate=0.3).shape for i in range(300)}
+    assert set(SUBJECTS) <= with_subjects
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(TOY_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, load_judge(TOY_MODEL)
+
+
+def test_shipped_toy_loads_as_a_normal_sdxl_folder(toy):
+    pipe, _ = toy
+    assert pipe.unet.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.addition_embed_type == "text_time"
+    assert generate(pipe, ["a red circle"], steps=4)[0].size == (64, 64)
+
+
+def test_judge_reads_the_world(toy):
+    """The metric is trustworthy: on freshly rendered scenes (subjects included) every head is right
+    nearly always."""
+    scenes = [world_sample(99, i, subject_rate=0.3) for i in range(200)]
+    probs = judge_images(toy[1], [render(s) for s in scenes])
+    for head in HEADS:
+        labels = torch.tensor([scene_labels(s)[head] for s in scenes])
+        known = labels >= 0
+        accuracy = (probs[head].argmax(-1)[known] == labels[known]).float().mean().item()
+        assert accuracy > 0.9, (head, accuracy)
+
+
+def test_toy_model_follows_prompts(toy):
+    """Background and colour of generations follow the prompt far above chance (1/9, 1/6); measured
+    here: 0.83 and 0.54 on these 24 prompts. Shape does not yet (0.33 against 1/4): the README says so."""
+    acc = prompt_following(*toy, n=24, seed=7)
+    assert acc["background"] > 0.6 and acc["colour"] > 0.35, acc
+
+
+def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
+    """The benchmark's setting on one subject. Measured: LoRA at 150 steps moved the star's subject
+    fidelity from 0.22 to 0.47 here (2 seeds per prompt); the margin asked is 0.15."""
+    pipe, judge = toy
+    from dreampeft.pipeline import load_into_pipeline, unload
+    from dreampeft.toy.bench import generations
+
+    folder = write_subject("star", tmp_path / "star")
+    prompts, images = generations(pipe, seeds=2)
+    before = score(judge, images, prompts, "star")
+    train_subject(TOY_MODEL, folder, "lora", tmp_path / "run", steps=150)
+    load_into_pipeline(pipe, tmp_path / "run")
+    try:
+        after = score(judge, generations(pipe, seeds=2)[1], prompts, "star")
+    finally:
+        unload(pipe)
+    assert after["subject"] > before["subject"] + 0.15, (before, after)
+
+
+def test_bench_cli_tabulates_every_subject_and_method(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from dreampeft.toy.__main__ import main
+
+    assert main(["bench", "--methods", "mora", "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(results) == {f"{m}/{s}" for m in ("base", "mora") for s in SUBJECTS}
+    assert results["mora/star"]["trainable"] > 0 and 0 <= results["mora/star"]["prompt"] <= 1
+    assert "| mora |" in capsys.readouterr().out
+    assert Image.open(tmp_path / "grid.png").size == (96 * 5, 96 * 3 * len(SUBJECTS))
+
+
+def test_demo_runs_one_subject(tmp_path, capsys):
+    from dreampeft.demo import main
+
+    main(["--out", str(tmp_path), "--methods", "lora", "--steps", "2", "--subject", "striped_ball"])
+    out = capsys.readouterr().out
+    assert "| lora |" in out and "subject: striped_ball" in out and (tmp_path / "grid.png").exists()
+
+
+@pytest.mark.parametrize("opt_out, expected", [(None, 0.0), ("1", 1e-39)])
+def test_import_flushes_denormals_unless_opted_out(opt_out, expected):
+    """Denormals stalled toy DreamBooth 30× on this CPU; importing dreampeft flushes them to zero."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DREAMPEFT_KEEP_DENORMALS"}
+    if opt_out:
+        env["DREAMPEFT_KEEP_DENORMALS"] = opt_out
+    code = "import dreampeft, torch; print((torch.tensor([1e-39]) * 1.0).item())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert float(out.stdout) == pytest.approx(expected, abs=1e-45)
