@@ -33,7 +33,7 @@ from .dreambooth.events import read_events
 from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
 from .pipeline import load_into_pipeline, unload
 from .toy import TOY_MODEL
-from .toy.evaluate import judge_similarity, load_judge
+from .toy.evaluate import find_judge, is_toy, judge_similarity
 from .utils import image_grid, quiet_libraries
 
 
@@ -82,7 +82,7 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
         rows[method] = generate(pipe, prompts, out / "images" / method, base, steps)
         unload(pipe)
     image_grid(list(rows.values())).save(out / "grid.png")
-    judge = load_judge(base.pretrained_model_name_or_path) if has_judge(base.pretrained_model_name_or_path) else None
+    judge = find_judge(base.pretrained_model_name_or_path)
     for row, images in rows.items():
         entry = results.setdefault(row, {})
         if scorer is not None:
@@ -106,16 +106,12 @@ def write_tables(results: dict, out: Path, prompts: list[str]) -> str:
     return table
 
 
-def has_judge(model: str) -> bool:
-    return (Path(model) / "judge.safetensors").exists()
-
-
 def _scorer(args) -> FidelityScorer | None:
     """DINO/CLIP; offline on the toy model, its judge alone scores (with a note saying so)."""
     try:
         return FidelityScorer(args.dino_model, args.clip_model)
     except EvalError as exc:
-        if not has_judge(args.pretrained_model_name_or_path):
+        if not is_toy(args.pretrained_model_name_or_path):
             raise
         print(f"note: DINO/CLIP unavailable ({exc}); scoring with the toy judge only", file=sys.stderr)
         return None
@@ -156,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,
             max_train_steps=args.max_train_steps, seed=args.seed,
-            resolution=args.resolution or (64 if has_judge(args.pretrained_model_name_or_path) else 1024))
+            resolution=args.resolution or (64 if is_toy(args.pretrained_model_name_or_path) else 1024))
         scorer = None if args.no_metrics else _scorer(args)
         out = Path(args.out)
         results = compare(base, methods, prompts, out, lrs, scorer, args.inference_steps)

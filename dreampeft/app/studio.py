@@ -17,7 +17,7 @@ from ..dreambooth.data import scan_folder
 from ..eval import EvalError, FidelityScorer
 from ..pipeline import load_into_pipeline, unload
 from ..toy import TOY_MODEL
-from ..toy.evaluate import judge_similarity, load_judge
+from ..toy.evaluate import find_judge, judge_similarity
 
 TOY = "dreampeft toy SDXL (offline; draws shapes, trained in this project)"
 TINY = "dreampeft tiny SDXL (offline; random weights, draws noise)"
@@ -95,6 +95,7 @@ class Studio:
     _pipe: object = None
     _pipe_model: str | None = None
     _scorer: object = None
+    _judges: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def pipeline(self, model: str):
@@ -152,9 +153,10 @@ class Studio:
             table.append(entry)
         return table, note
 
-    @staticmethod
-    def _judge(model: str):
-        return load_judge(model) if (Path(model) / "judge.safetensors").exists() else None
+    def _judge(self, model: str):
+        if model not in self._judges:  # loaded once per model, not per click
+            self._judges[model] = find_judge(model)
+        return self._judges[model]
 
 
 def _instance_images(run_dir: Path) -> list:

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..dreambooth import DreamBoothConfig, train
 from ..dreambooth.events import read_events

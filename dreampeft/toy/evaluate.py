@@ -15,6 +15,16 @@ from .models import HEADS, Judge
 GUIDANCE, STEPS = 5.0, 20
 
 
+def is_toy(model: str | Path) -> bool:
+    """A toy model folder (``python -m dreampeft.toy pretrain`` output): it carries a judge."""
+    return (Path(model) / "judge.safetensors").exists()
+
+
+def find_judge(model: str | Path) -> Judge | None:
+    """The judge of a toy model folder; None for any other model (a hub id, another folder)."""
+    return load_judge(model) if is_toy(model) else None
+
+
 def load_judge(model_dir: str | Path) -> Judge:
     from safetensors.torch import load_file
 
@@ -39,11 +49,16 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = STEPS, guidan
     return images
 
 
+def _pixels(images: list) -> torch.Tensor:
+    """PIL images → (N, 3, H, W) in [-1, 1], the judge's input."""
+    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    return x.float() / 127.5 - 1
+
+
 @torch.no_grad()
 def judge_images(judge: Judge, images: list) -> dict[str, torch.Tensor]:
-    """Class probabilities per head for PIL images."""
-    x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-    return {h: logits.softmax(-1) for h, logits in judge(x.float() / 127.5 - 1).items()}
+    """Class probabilities per head for 64×64 PIL images."""
+    return {h: logits.softmax(-1) for h, logits in judge(_pixels(images)).items()}
 
 
 def prompt_following(pipe, judge: Judge, n: int = 60, seed: int = 123) -> dict[str, float]:
@@ -85,7 +100,6 @@ def judge_similarity(judge: Judge, real: list, generated: list) -> float:
     from ..eval import mean_pairwise_cosine
 
     def embed(images):
-        x = torch.from_numpy(np.stack([np.asarray(_square64(im)) for im in images])).permute(0, 3, 1, 2)
-        return judge.embed(x.float() / 127.5 - 1)
+        return judge.embed(_pixels([_square64(im) for im in images]))
 
     return mean_pairwise_cosine(embed(generated), embed(real))
