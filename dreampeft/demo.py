@@ -7,7 +7,7 @@ through the real trainer (``dreampeft.dreambooth.train``), is loaded into the pi
 fidelity (is it the star?) and prompt fidelity (is it where / on what the prompt asked?).
 This is ``python -m dreampeft.toy bench`` on one subject with fewer images.
 
-    python -m dreampeft.demo [--out demo_out] [--steps 150] [--methods lora,mora] [--subject striped_ball]
+    python -m dreampeft.demo [--out demo_out] [--steps 300] [--methods lora,mora] [--subject striped_ball]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .toy import TOY_MODEL
-from .toy.bench import TOY_METHODS, results_table, run_bench
+from .toy.bench import BENCH_STEPS, TOY_METHODS, results_table, run_bench
 from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
@@ -25,7 +25,7 @@ from .utils import quiet_libraries
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dreampeft.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per method")
+    parser.add_argument("--steps", type=int, default=BENCH_STEPS, help="training steps per method")
     parser.add_argument("--methods", default=",".join(TOY_METHODS), help="comma-separated methods")
     parser.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder")

@@ -110,31 +110,44 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + rad * math.cos(t + a), cy + rad * math.sin(t + a)) for t, rad in pts]
 
 
+def _geometry(scene: Scene, side: int) -> tuple[str, float, float, float]:
+    """(base shape, centre x, centre y, radius) in pixels of a ``side``-pixel canvas."""
+    px, py = POSITIONS[scene.position]
+    shape = SUBJECTS[scene.shape][0] if scene.shape in SUBJECTS else scene.shape
+    return shape, (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side, SIZES[scene.size] * side / 2
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, side: int, fill) -> None:
+    shape, cx, cy, r = _geometry(scene, side)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r, scene.angle), fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
     side = SIZE * SUPERSAMPLE
     image = Image.new("RGB", (side, side))
-    draw = ImageDraw.Draw(image)
-    _background(draw, scene.background, side)
-    px, py = POSITIONS[scene.position]
-    cx, cy = (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side
-    r = SIZES[scene.size] * side / 2
-    shape = SUBJECTS[scene.shape][0] if scene.shape in SUBJECTS else scene.shape
-    if shape == "circle":
-        box = [cx - r, cy - r, cx + r, cy + r]
-        if scene.colour == "red_white_stripes":  # diagonal bands clipped to the disc
-            stripes = Image.new("RGB", (side, side), COLOURS["white"])
-            sd = ImageDraw.Draw(stripes)
-            band = max(2, int(r / 2.5))
-            for k in range(-side, 2 * side, 2 * band):
-                sd.polygon([(k, 0), (k + band, 0), (k + band - side, side), (k - side, side)], fill=COLOURS["red"])
-            mask = Image.new("L", (side, side), 0)
-            ImageDraw.Draw(mask).ellipse(box, fill=255)
-            image.paste(stripes, (0, 0), mask)
-        else:
-            draw.ellipse(box, fill=COLOURS[scene.colour])
+    _background(ImageDraw.Draw(image), scene.background, side)
+    if scene.colour == "red_white_stripes":  # diagonal bands clipped to the shape
+        _, _, _, r = _geometry(scene, side)
+        stripes = Image.new("RGB", (side, side), COLOURS["white"])
+        sd = ImageDraw.Draw(stripes)
+        band = max(2, int(r / 2.5))
+        for k in range(-side, 2 * side, 2 * band):
+            sd.polygon([(k, 0), (k + band, 0), (k + band - side, side), (k - side, side)], fill=COLOURS["red"])
+        image.paste(stripes, (0, 0), object_mask(scene, side))
     else:
-        draw.polygon(_polygon(shape, cx, cy, r, scene.angle), fill=COLOURS[scene.colour])
+        _draw_shape(ImageDraw.Draw(image), scene, side, COLOURS[scene.colour])
     return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def object_mask(scene: Scene, side: int = SIZE) -> Image.Image:
+    """The object's silhouette (L mode, 255 inside) at ``side`` pixels, anti-aliased like ``render``."""
+    big = SIZE * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    _draw_shape(ImageDraw.Draw(mask), scene, big, 255)
+    return mask if side == big else mask.resize((side, side), Image.LANCZOS)
 
 
 def subject_scenes(subject: str, n: int, seed: int = 0) -> list[Scene]:

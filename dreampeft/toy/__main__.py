@@ -3,6 +3,7 @@
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~30 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--out toy_bench]
+    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--out toy_sweep]
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from . import TOY_MODEL
-from .bench import TOY_METHODS
+from .bench import BENCH_STEPS, TOY_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="train the toy model from scratch into OUT")
     pre.add_argument("out")
-    pre.add_argument("--vae_steps", type=int, default=400)
-    pre.add_argument("--unet_steps", type=int, default=1600)
+    pre.add_argument("--vae_steps", type=int, default=1000)
+    pre.add_argument("--unet_steps", type=int, default=2000)
     pre.add_argument("--judge_steps", type=int, default=800)
     pre.add_argument("--n_images", type=int, default=12_000)
     pre.add_argument("--seed", type=int, default=0)
@@ -31,9 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     ben = sub.add_parser("bench", help="DreamBooth on unseen subjects, every method, judged offline")
     ben.add_argument("--model", default=str(TOY_MODEL))
     ben.add_argument("--methods", default=",".join(TOY_METHODS))
-    ben.add_argument("--steps", type=int, default=150)
+    ben.add_argument("--steps", type=int, default=BENCH_STEPS)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     ben.add_argument("--out", default="toy_bench")
+    swp = sub.add_parser("sweep", help="learning rates per method (TOY_METHODS' rate × factors) on one subject")
+    swp.add_argument("--model", default=str(TOY_MODEL))
+    swp.add_argument("--methods", default=",".join(TOY_METHODS))
+    swp.add_argument("--factors", default="0.25,0.5,1,2,4")
+    swp.add_argument("--steps", type=int, default=BENCH_STEPS)
+    swp.add_argument("--out", default="toy_sweep")
     args = p.parse_args(argv)
     from ..utils import quiet_libraries
 
@@ -53,17 +60,40 @@ def main(argv: list[str] | None = None) -> int:
         sample_grid(pipe, args.seed).save(args.out)
         print(f"rows: circle, square, triangle, diamond; columns: red … orange → {args.out}")
     else:
-        from .bench import results_table, run_bench
-
         methods = [m for m in args.methods.split(",") if m]
         unknown = sorted(set(methods) - set(TOY_METHODS))
         if unknown:
             p.error(f"--methods: unknown {unknown}; choose from {sorted(TOY_METHODS)}")
-        results = run_bench(args.model, args.out, methods, args.steps, args.seeds, log=lambda m: print(m, flush=True))
-        print(results_table(results, ["base", *methods]))
-        print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
-              f"→ {args.out}/grid.png")
+        if args.command == "sweep":
+            _sweep(p, args, methods)
+        else:
+            _bench(args, methods)
     return 0
+
+
+def _bench(args, methods: list[str]) -> None:
+    from .bench import results_table, run_bench
+
+    results = run_bench(args.model, args.out, methods, args.steps, args.seeds, log=lambda m: print(m, flush=True))
+    print(results_table(results, ["base", *methods]))
+    print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
+          f"→ {args.out}/grid.png")
+
+
+def _sweep(p, args, methods: list[str]) -> None:
+    from pathlib import Path
+
+    from .bench import sweep_lr
+
+    try:
+        factors = [float(f) for f in args.factors.split(",") if f]
+    except ValueError:
+        p.error(f"--factors: {args.factors!r} is not a comma-separated list of numbers (e.g. 0.5,1,2)")
+    if not factors or min(factors) <= 0:
+        p.error(f"--factors: give positive multipliers of the default rate (got {args.factors!r})")
+    best = sweep_lr(args.model, args.out, methods, factors, args.steps, log=lambda m: print(m, flush=True))
+    print((Path(args.out) / "sweep.md").read_text())
+    print("best: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from .evaluate import generate, judge_images
 from .models import HEADS
 
 INSTANCE_PROMPT = "a sks object"
+# 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
+# Measured with LoRA on the star (4 seeds, base 0.25): UNet only 0.23 at 300 steps, 0.35 at 600 (r 8);
+# with the encoders 0.49 at 300, 0.37 at 600 (instance backgrounds start to leak into other prompts).
+BENCH_STEPS = 300
 RECONTEXT = {  # prompt → the attributes it asks for
     "a sks object on a green background": {"background": "green"},
     "a sks object on a black background": {"background": "black"},
@@ -34,13 +38,14 @@ RECONTEXT = {  # prompt → the attributes it asks for
     "a small sks object in the top left corner": {"size": "small", "position": "top left"},
     "a large sks object in the bottom right corner": {"size": "large", "position": "bottom right"},
 }
-# Per-method options and learning rates for the toy. Not swept; one check: FourierFT at 5e-2 (its SDXL-scale
-# rate) wrecked the model (subject 0.008, prompt 0.14), at 5e-3 it learns the star (0.47).
+# Per-method options and learning rates for the toy: the best of `python -m dreampeft.toy sweep` on the
+# star at BENCH_STEPS (rates ×0.5/×1, and ×0.25–×4 at 150 steps; subject + prompt fidelity, 2 seeds).
+# FourierFT at 1e-2 already wrecks the model at 300 steps (subject 0.01), at its SDXL-scale 5e-2 too.
 TOY_METHODS = {
     "lora": {"options": {"r": 4}, "lr": 2e-3},
     "lora_dash": {"options": {"r": 4, "warmup_steps": 100, "n_directions": 4}, "lr": 2e-3},
     "fourierft": {"options": {"n_frequency": 1000, "scaling": 150.0}, "lr": 5e-3},
-    "mora": {"options": {"r": 4, "mora_type": 6}, "lr": 2e-3},
+    "mora": {"options": {"r": 4, "mora_type": 6}, "lr": 4e-3},
 }
 
 
@@ -58,7 +63,7 @@ def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: 
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
         instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec["options"],
         learning_rate=lr or spec["lr"], resolution=64, max_train_steps=steps, train_batch_size=2, seed=seed,
-        events=str(out / "events.jsonl"), export_rank=8)
+        events=str(out / "events.jsonl"), export_rank=8, train_text_encoder=True)
     (out / "events.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     train(cfg)
@@ -83,18 +88,34 @@ def generations(pipe, seeds: int) -> tuple[list[str], list]:
     return prompts, generate(pipe, prompts, seed=0)
 
 
-def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = 150, seeds: int = 4,
-              subjects: list[str] | None = None, log=print) -> dict:
-    """Train every method on every subject, generate the recontext prompts, score; write
-    ``results.json``, ``results.md`` and ``grid.png`` into ``out``."""
+def _load(model_dir):
     from diffusers import StableDiffusionXLPipeline
 
-    from ..pipeline import load_into_pipeline, unload
     from .evaluate import load_judge
 
-    out, judge = Path(out), load_judge(model_dir)
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
+    return pipe, load_judge(model_dir)
+
+
+def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run: Path, steps: int, seeds: int,
+           lr: float | None = None) -> tuple[dict, list]:
+    """Train one method on one subject, draw the recontext prompts with it, score: (stats, images)."""
+    from ..pipeline import load_into_pipeline, unload
+
+    stats = train_subject(model_dir, folder, method, run, steps, lr=lr)
+    load_into_pipeline(pipe, run)
+    prompts, images = generations(pipe, seeds)
+    unload(pipe)
+    return {**stats, **score(judge, images, prompts, subject)}, images
+
+
+def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = BENCH_STEPS,
+              seeds: int = 4, subjects: list[str] | None = None, log=print) -> dict:
+    """Train every method on every subject, generate the recontext prompts, score; write
+    ``results.json``, ``results.md`` and ``grid.png`` into ``out``."""
+    out = Path(out)
+    pipe, judge = _load(model_dir)
     prompts, base_images = generations(pipe, seeds)
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
@@ -104,14 +125,10 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
         grid.append(base_images[::seeds])
         results[f"base/{subject}"] = score(judge, base_images, prompts, subject)
         for method in methods:
-            run = out / "runs" / f"{subject}-{method}"
-            stats = train_subject(model_dir, folder, method, run, steps)
-            load_into_pipeline(pipe, run)
-            images = generations(pipe, seeds)[1]
-            unload(pipe)
-            results[f"{method}/{subject}"] = {**stats, **score(judge, images, prompts, subject)}
+            r, images = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / f"{subject}-{method}",
+                               steps, seeds)
+            results[f"{method}/{subject}"] = r
             grid.append(images[::seeds])
-            r = results[f"{method}/{subject}"]
             log(f"{subject} {method}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}, {r['train_s']:.0f} s")
     image_grid(grid).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "prompts": list(RECONTEXT),
@@ -119,6 +136,35 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     table = results_table(results, ["base", *methods], subjects)
     (out / "results.md").write_text(table + "\n")
     return results
+
+
+def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
+             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "star", log=print) -> dict:
+    """Each method at its ``TOY_METHODS`` rate times each factor, on one subject: subject and
+    prompt fidelity per rate, written to ``sweep.json``/``sweep.md``. The rate with the best
+    subject + prompt fidelity is marked; it is what ``TOY_METHODS`` should hold."""
+    out = Path(out)
+    pipe, judge = _load(model_dir)
+    folder, rows = write_subject(subject, out / "subjects" / subject), {}
+    for method in methods:
+        for f in factors:
+            lr = TOY_METHODS[method]["lr"] * f
+            r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / f"{method}-{lr:g}",
+                          steps, seeds, lr)
+            rows[(method, lr)] = r
+            log(f"{method} lr {lr:g}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
+    def merit(key):
+        return rows[key]["subject"] + rows[key]["prompt"]
+
+    best = {m: max((key for key in rows if key[0] == m), key=merit)[1] for m in methods}
+    lines = ["| method | lr | subject | prompt |", "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {lr:g}{' (best)' if best[m] == lr else ''} | {r['subject']:.3f} | {r['prompt']:.3f} |"
+              for (m, lr), r in rows.items()]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "best": best,
+                                                "runs": [{"method": m, "lr": lr, **r} for (m, lr), r in rows.items()]},
+                                               indent=1) + "\n")
+    return best
 
 
 def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
