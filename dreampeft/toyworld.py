@@ -36,6 +36,7 @@ SIZES = {"small": 0.22, "large": 0.42}  # object diameter as a share of the imag
 # Objects the base model never sees: a new shape, and a known shape with a new surface pattern.
 SUBJECTS = {"star": ("star", "orange"), "striped_ball": ("circle", "red_white_stripes")}
 OBJECTS = SHAPES + tuple(SUBJECTS)  # the judge's object classes
+STRIPE_COLOURS = OBJECT_COLOURS + ("white",)  # for ``striped`` objects (the VAE's training set only)
 
 
 @dataclass(frozen=True)
@@ -125,17 +126,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, side: int, fill) -> Non
         draw.polygon(_polygon(shape, cx, cy, r, scene.angle), fill=fill)
 
 
+def striped(scene: Scene, rng: random.Random) -> Scene:
+    """``scene`` with its object in diagonal bands of two random colours. The toy VAE also trains on
+    such objects, as SDXL's VAE has seen every kind of surface: trained on the base world alone it
+    decoded the striped-ball subject as a plain blob. The UNet and text encoders never see them."""
+    ink, paper = rng.sample(STRIPE_COLOURS, 2)
+    return replace(scene, colour=f"{ink}_{paper}_stripes")
+
+
 def render(scene: Scene) -> Image.Image:
     side = SIZE * SUPERSAMPLE
     image = Image.new("RGB", (side, side))
     _background(ImageDraw.Draw(image), scene.background, side)
-    if scene.colour == "red_white_stripes":  # diagonal bands clipped to the shape
+    if scene.colour.endswith("_stripes"):  # "A_B_stripes": diagonal bands of A on B, clipped to the shape
+        ink, paper, _ = scene.colour.split("_")
         _, _, _, r = _geometry(scene, side)
-        stripes = Image.new("RGB", (side, side), COLOURS["white"])
+        stripes = Image.new("RGB", (side, side), COLOURS[paper])
         sd = ImageDraw.Draw(stripes)
-        band = max(2, int(r / 2.5))
+        band = max(2, int(r / 2))  # 4 bands across: ~1 latent pixel each on a small ball (4× VAE)
         for k in range(-side, 2 * side, 2 * band):
-            sd.polygon([(k, 0), (k + band, 0), (k + band - side, side), (k - side, side)], fill=COLOURS["red"])
+            sd.polygon([(k, 0), (k + band, 0), (k + band - side, side), (k - side, side)], fill=COLOURS[ink])
         image.paste(stripes, (0, 0), object_mask(scene, side))
     else:
         _draw_shape(ImageDraw.Draw(image), scene, side, COLOURS[scene.colour])

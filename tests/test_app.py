@@ -153,7 +153,17 @@ def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
     from dreampeft.toy import TOY_MODEL
 
     assert studio.resolve_model(TOY, tmp_path) == str(TOY_MODEL)
-    assert preset_defaults(TOY)[:2] == (64, 64) and preset_defaults(TOY)[2:] > preset_defaults("")[2:]
+    from dreampeft.app import option_specs
+    from dreampeft.dreambooth.config import SUGGESTED_LR
+    from dreampeft.toy.bench import TOY_METHODS
+
+    toy, sdxl, n = preset_defaults(TOY), preset_defaults(""), len(SUGGESTED_LR)
+    assert toy[:2] == (64, 64) and sdxl[:2] == (1024, 1024)
+    assert toy[2:2 + n] == tuple(TOY_METHODS[m]["lr"] for m in SUGGESTED_LR)  # swept on the toy
+    assert sdxl[2:2 + n] == tuple(SUGGESTED_LR.values())
+    names = [(s.method, s.name) for s in option_specs(list(SUGGESTED_LR))]
+    init = 2 + n + names.index(("fourierft", "init"))  # the toy starts FourierFT from zeros (TOY_METHODS)
+    assert len(toy) == len(sdxl) == 2 + n + len(names) and (toy[init], sdxl[init]) == ("zeros", "gaussian")
     assert preset_defaults("my/custom-sdxl") is None  # custom models keep the fields as set
 
 

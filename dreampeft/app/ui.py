@@ -28,11 +28,16 @@ DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors
 
 
 def preset_defaults(model: str) -> tuple | None:
-    """(train resolution, generation resolution, learning rate per method) for a preset model; None
-    for a custom id or folder (the fields keep what the user set). An empty name gives SDXL's."""
+    """(train resolution, generation resolution, learning rate per method, then every method option in
+    ``option_specs`` order) for a preset model; None for a custom id or folder (the fields keep what
+    the user set). An empty name gives SDXL's; the 64 px toy presets take ``TOY_METHODS``' rates and
+    options (FourierFT's zeros start among them)."""
     if model in PRESETS or not model:
-        lrs = TOY_LR if PRESETS.get(model) == 64 else SUGGESTED_LR
-        return (PRESETS.get(model, 1024),) * 2 + tuple(lrs[m] for m in SUGGESTED_LR)
+        toy = PRESETS.get(model) == 64
+        lrs = TOY_LR if toy else SUGGESTED_LR
+        options = [TOY_METHODS[s.method]["options"].get(s.name, s.default) if toy else s.default
+                   for s in option_specs(list(SUGGESTED_LR))]
+        return (PRESETS.get(model, 1024),) * 2 + tuple(lrs[m] for m in SUGGESTED_LR) + tuple(options)
     return None
 
 
@@ -160,9 +165,9 @@ class App:
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
             gr.Timer(1.0).tick(self.progress, None, [jobs, samples, downloads])
-            lr_widgets = train_inputs[9:9 + len(SUGGESTED_LR)]
-            model.change(lambda m: preset_defaults(m) or (gr.skip(),) * (2 + len(lr_widgets)), model,
-                         [train_inputs[6], gen_inputs[5], *lr_widgets])
+            preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:]]  # lrs, then options
+            model.change(lambda m: preset_defaults(m) or (gr.skip(),) * len(preset_widgets), model,
+                         preset_widgets)
         return demo
 
     def _training_widgets(self, gr, model):
@@ -185,7 +190,8 @@ class App:
                 with gr.Row():
                     gr.Markdown(f"**{method}**")
                     lrs.append(gr.Number(self._defaults[2 + len(lrs)], label="learning rate"))
-                    values += [self._control(gr, s) for s in self.specs if s.method == method]
+                    values += [self._control(gr, s, self._defaults[2 + len(SUGGESTED_LR) + i])
+                               for i, s in enumerate(self.specs) if s.method == method]
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id="train")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -194,12 +200,12 @@ class App:
         return inputs, train_btn, stop_btn, message
 
     @staticmethod
-    def _control(gr, spec):
+    def _control(gr, spec, value):
         if spec.kind == "bool":
-            return gr.Checkbox(spec.default, label=spec.name, info=spec.help)
+            return gr.Checkbox(value, label=spec.name, info=spec.help)
         if spec.kind == "choice":
-            return gr.Dropdown(list(spec.choices), value=spec.default, label=spec.name, info=spec.help)
-        return gr.Number(spec.default, label=spec.name + (" (blank: default)" if spec.optional else ""),
+            return gr.Dropdown(list(spec.choices), value=value, label=spec.name, info=spec.help)
+        return gr.Number(value, label=spec.name + (" (blank: default)" if spec.optional else ""),
                          info=spec.help, precision=0 if spec.kind == "int" else None)
 
     def _generation_widgets(self, gr, model):

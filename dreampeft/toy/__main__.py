@@ -1,18 +1,21 @@
 """python -m dreampeft.toy {pretrain,bench,samples}: the toy SDXL that draws the toy world.
 
-    python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~30 min)
+    python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--out toy_bench]
-    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--out toy_sweep]
+    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--subject star] [--out toy_sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from . import TOY_MODEL
 from .bench import BENCH_STEPS, TOY_METHODS
+from ..toyworld import SUBJECTS
+from .pretrain import PretrainConfig, pretrain
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,11 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="train the toy model from scratch into OUT")
     pre.add_argument("out")
-    pre.add_argument("--vae_steps", type=int, default=1000)
-    pre.add_argument("--unet_steps", type=int, default=2000)
-    pre.add_argument("--judge_steps", type=int, default=800)
-    pre.add_argument("--n_images", type=int, default=12_000)
-    pre.add_argument("--seed", type=int, default=0)
+    for f in fields(PretrainConfig):
+        pre.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
     sam = sub.add_parser("samples", help="a grid of prompts (rows: shapes; columns: colours)")
     sam.add_argument("--model", default=str(TOY_MODEL))
     sam.add_argument("--out", default="toy_samples.png")
@@ -40,16 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--methods", default=",".join(TOY_METHODS))
     swp.add_argument("--factors", default="0.25,0.5,1,2,4")
     swp.add_argument("--steps", type=int, default=BENCH_STEPS)
+    swp.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
     swp.add_argument("--out", default="toy_sweep")
     args = p.parse_args(argv)
     from ..utils import quiet_libraries
 
     quiet_libraries()
     if args.command == "pretrain":
-        from .pretrain import pretrain
-
-        pretrain(args.out, args.vae_steps, args.unet_steps, args.judge_steps, args.n_images, seed=args.seed,
-                 log=lambda msg: print(msg, flush=True))
+        try:
+            config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+        except ValueError as e:
+            p.error(f"pretrain: --{e}")
+        pretrain(args.out, config, log=lambda msg: print(msg, flush=True))
     elif args.command == "samples":
         from diffusers import StableDiffusionXLPipeline
 
@@ -91,7 +93,8 @@ def _sweep(p, args, methods: list[str]) -> None:
         p.error(f"--factors: {args.factors!r} is not a comma-separated list of numbers (e.g. 0.5,1,2)")
     if not factors or min(factors) <= 0:
         p.error(f"--factors: give positive multipliers of the default rate (got {args.factors!r})")
-    best = sweep_lr(args.model, args.out, methods, factors, args.steps, log=lambda m: print(m, flush=True))
+    best = sweep_lr(args.model, args.out, methods, factors, args.steps, subject=args.subject,
+                    log=lambda m: print(m, flush=True))
     print((Path(args.out) / "sweep.md").read_text())
     print("best: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()))
 

@@ -1,7 +1,7 @@
 """The toy model's architecture (SDXL's, small) and the judge that scores toy-world images.
 
 The UNet and VAE are diffusers' SDXL classes at small widths: a ``text_time`` UNet with
-cross-attention at 16×16 and 8×8 latents, and a 4× VAE (64 px images → 16×16×4 latents, so a
+cross-attention at 8×8 and 4×4 (of 16×16 latents), and a 4× VAE (64 px images → 16×16×4 latents, so a
 small star still spans several latent pixels). The text encoders are the tiny random CLIP pair
 of ``dreampeft.tiny`` at the start; pretraining trains them with the UNet (see pretrain.py).
 """

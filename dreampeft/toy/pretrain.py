@@ -1,8 +1,9 @@
 """``python -m dreampeft.toy pretrain OUT``: train the toy SDXL's VAE and UNet on the toy world,
-and the judge that scores it, on a CPU in about 40 minutes; save a diffusers folder.
+and the judge that scores it, on a CPU in about 45 minutes; save a diffusers folder.
 
-Order: render a fixed set of world scenes → train the VAE (object pixels weighted up: see
-``train_vae``) → encode every image once (posterior mean and std) and set the VAE's
+Order: render a fixed set of world scenes → train the VAE on them plus objects in two-colour stripes
+(``vae_set``; object pixels weighted up: see ``train_vae``), or reuse a saved one (``--vae``) →
+encode every image once through the fp16 VAE (posterior mean and std) and set the VAE's
 ``scaling_factor`` from the latents' spread → encode every distinct caption once → train the UNet
 together with the two text encoders (they start as the tiny random CLIP pair; DDPM noise schedule
 rescaled to zero terminal SNR with v-prediction and min-SNR-5 weighting, 10% of captions dropped
@@ -23,23 +24,38 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..toyworld import object_mask, render, world_sample
+from ..toyworld import object_mask, render, striped, world_sample
 from .models import HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
 
 
 def render_set(seed: int, n: int, subject_rate: float = 0.0):
-    scenes = [world_sample(seed, i, subject_rate) for i in range(n)]
+    return render_scenes([world_sample(seed, i, subject_rate) for i in range(n)])
+
+
+def render_scenes(scenes: list) -> tuple[list, torch.Tensor]:
     pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2)
     return scenes, pixels  # uint8 (n, 3, 64, 64)
+
+
+def vae_set(scenes: list, pixels: torch.Tensor, seed: int, share: float) -> tuple[list, torch.Tensor]:
+    """The UNet's scenes plus ``share`` × as many objects in two-colour stripes (``toyworld.striped``):
+    a VAE that never saw a striped object decoded the striped-ball subject as a plain blob."""
+    rng, n = random.Random(seed + 3), round(share * len(scenes))
+    if n == 0:
+        return scenes, pixels
+    extra, extra_pixels = render_scenes([striped(world_sample(seed + 3, i), rng) for i in range(n)])
+    return scenes + extra, torch.cat([pixels, extra_pixels])
 
 
 def object_masks(scenes) -> torch.Tensor:
@@ -117,7 +133,8 @@ def toy_scheduler():
                                   prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, sample_fn=None):
+def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, sample_fn=None,
+               snr_floor: float = 0.0):
     """UNet and both text encoders, jointly; returns the EMA copies (unet, encoder, encoder_2).
 
     The encoders start as the tiny random CLIP pair. Frozen, they left the UNet nearly blind to the
@@ -149,7 +166,7 @@ def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, 
         # at snr 0 (the first sampling step, where the layout is decided), and the shipped model
         # ignores position words. Tried: the cap alone (weight 1 up to snr 4): the model then told
         # centre from corner (position 0.28 vs 0.13) but drew worse shapes (object 0.45 vs 0.62).
-        weight = snr.clamp(max=5.0) / (snr + 1)
+        weight = snr.clamp(min=snr_floor, max=5.0) / (snr + 1)
         per_example = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none").mean((1, 2, 3))
         loss = (per_example * weight).mean()
         _update(opt, sched, loss, models.parameters())
@@ -193,24 +210,70 @@ def _assemble(pipe, **replace):
     return new
 
 
-def pretrain(out: str | Path, vae_steps: int = 1000, unet_steps: int = 2000, judge_steps: int = 800,
-             n_images: int = 12_000, batch: int = 64, seed: int = 0, log=print) -> Path:
+def _load_vae(folder: str):
+    from diffusers import AutoencoderKL
+
+    sub = "vae" if (Path(folder) / "vae").is_dir() else None
+    return AutoencoderKL.from_pretrained(folder, subfolder=sub).float().eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """What ``python -m dreampeft.toy pretrain`` trains; every field is a CLI flag of the same name.
+    The defaults built the shipped ``assets/toy_sdxl`` (pretrain_report.json records them)."""
+
+    vae_steps: int = 1000
+    unet_steps: int = 2000
+    judge_steps: int = 800
+    n_images: int = 12_000
+    batch: int = 64
+    seed: int = 0
+    vae_striped: float = 0.5  # extra striped objects in the VAE's set, as a share of n_images (vae_set)
+    snr_floor: float = 0.0  # min-SNR-5 weighs steps below this SNR as if at it; 0: plain min-SNR
+    vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
+
+    def __post_init__(self):
+        if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
+            raise ValueError(f"vae: {self.vae} holds no VAE (want a toy model folder or its vae/ subfolder)")
+        self._check_numbers()
+
+    def _check_numbers(self):
+        for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)})")
+        if self.batch < 2:
+            raise ValueError(f"batch must be at least 2: the VAE trains on batch // 2 (got {self.batch})")
+        if not 0 <= self.vae_striped <= 1:
+            raise ValueError(f"vae_striped is a share of n_images in [0, 1] (got {self.vae_striped})")
+        if not 0 <= self.snr_floor <= 5:
+            raise ValueError(f"snr_floor must lie in [0, 5], min-SNR's cap (got {self.snr_floor})")
+
+
+def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=print) -> Path:
     """Everything above, end to end; returns ``out`` (a StableDiffusionXLPipeline folder)."""
     from ..tiny import build_tiny_sdxl
     from .evaluate import prompt_following, sample_grid
 
+    c, seed, batch = config, config.seed, config.batch
     out, t0, timings = Path(out), time.perf_counter(), {}
     out.mkdir(parents=True, exist_ok=True)
     pipe = _assemble(build_tiny_sdxl(seed), scheduler=toy_scheduler())  # the tiny random CLIP pair
-    scenes, pixels = render_set(seed, n_images)
-    log(f"rendered {n_images} scenes in {time.perf_counter() - t0:.0f} s")
+    scenes, pixels = render_set(seed, c.n_images)
+    vae_scenes, vae_pixels = vae_set(scenes, pixels, seed, 0 if c.vae else c.vae_striped)
+    log(f"rendered {len(vae_scenes)} scenes in {time.perf_counter() - t0:.0f} s")
 
     t = time.perf_counter()
-    vae = train_vae(pixels, object_masks(scenes), vae_steps, batch // 2, seed, log)
+    vae = _load_vae(c.vae) if c.vae else train_vae(vae_pixels, object_masks(vae_scenes), c.vae_steps,
+                                                    batch // 2, seed, log)
+    # the UNet learns the latents of the VAE that ships, in fp16; and so `--vae` of a saved toy
+    # model trains exactly the UNet that a full run would
+    vae = vae.half().float()
+    del vae_pixels
     pipe = _assemble(pipe, vae=vae)
     timings["vae_s"] = time.perf_counter() - t
     mean, std = encode_latents(vae, pixels)
-    scale = float(1 / (mean + std * torch.randn_like(std)).std())
+    draw = torch.randn(std.shape, generator=torch.Generator().manual_seed(seed))
+    scale = float(1 / (mean + std * draw).std())
     vae.register_to_config(scaling_factor=scale)
     mean, std = mean * scale, std * scale
     text = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
@@ -221,12 +284,12 @@ def pretrain(out: str | Path, vae_steps: int = 1000, unet_steps: int = 2000, jud
             out / f"samples-step{step}.png")
 
     t = time.perf_counter()
-    unet, te1, te2 = train_unet((mean, std), text, [pipe.text_encoder, pipe.text_encoder_2], unet_steps, batch,
-                                seed, log, snapshot)
+    unet, te1, te2 = train_unet((mean, std), text, [pipe.text_encoder, pipe.text_encoder_2], c.unet_steps,
+                                batch, seed, log, snapshot, c.snr_floor)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    judge = train_judge(seed, n_images // 2, judge_steps, batch, log)
+    judge = train_judge(seed, c.n_images // 2, c.judge_steps, batch, log)
     timings["judge_s"] = time.perf_counter() - t
 
     for f in out.glob("samples-step*.png"):
@@ -238,8 +301,7 @@ def pretrain(out: str | Path, vae_steps: int = 1000, unet_steps: int = 2000, jud
     from safetensors.torch import save_file
 
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, out / "judge.safetensors")
-    report = {"seed": seed, "n_images": n_images, "batch": batch, "vae_steps": vae_steps,
-              "unet_steps": unet_steps, "judge_steps": judge_steps, "scaling_factor": scale,
+    report = {**asdict(c), "scaling_factor": scale,
               **{k: round(v, 1) for k, v in timings.items()}, "total_s": round(time.perf_counter() - t0, 1)}
     pipe.unet.float(), pipe.vae.float()
     report["prompt_following"] = prompt_following(pipe, judge.float())
