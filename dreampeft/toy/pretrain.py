@@ -233,11 +233,6 @@ class PretrainConfig:
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
 
     def __post_init__(self):
-        if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
-            raise ValueError(f"vae: {self.vae} holds no VAE (want a toy model folder or its vae/ subfolder)")
-        self._check_numbers()
-
-    def _check_numbers(self):
         for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)})")
@@ -247,6 +242,8 @@ class PretrainConfig:
             raise ValueError(f"vae_striped is a share of n_images in [0, 1] (got {self.vae_striped})")
         if not 0 <= self.snr_floor <= 5:
             raise ValueError(f"snr_floor must lie in [0, 5], min-SNR's cap (got {self.snr_floor})")
+        if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
+            raise ValueError(f"vae: {self.vae} holds no VAE (want a toy model folder or its vae/ subfolder)")
 
 
 def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=print) -> Path:
