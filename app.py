@@ -17,6 +17,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     from dreampeft.app import TOY, App
+    from dreampeft.app.forms import MAX_FILE_MB
     from dreampeft.eval import DEFAULT_CLIP, DEFAULT_DINO
     from dreampeft.utils import quiet_libraries
 
@@ -31,9 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app works offline
     quiet_libraries()
     app = App(args.work_dir, model=args.model, dino_model=args.dino_model, clip_model=args.clip_model)
-    app.blocks().queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, allowed_paths=[str(app.work_dir)],
-        ssr_mode=False, show_error=True, footer_links=[])
+    # Uploads over the app's per-image limit are refused by the server itself, before they reach a
+    # handler; Gradio's cache of uploads and outputs is swept hourly; only app.public_dir is served.
+    app.public_dir.mkdir(parents=True, exist_ok=True)
+    app.blocks(delete_cache=(3600, 3600)).queue(default_concurrency_limit=1).launch(
+        server_name=args.host, server_port=args.port, allowed_paths=[str(app.public_dir)],
+        max_file_size=f"{MAX_FILE_MB}mb", ssr_mode=False, show_error=True, footer_links=[])
     return 0
 
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,14 +228,33 @@ def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None
 # -- merged pipeline and the command line ---------------------------------------------------
 def export_merged(base_model: str, adapter: str | Path, out_dir: str | Path, scale: float = 1.0) -> Path:
     """A full pipeline folder with ΔW fused into the base weights (exact for every method)."""
+    _check_empty(Path(out_dir))
+    return save_merged(*_load_components(base_model, adapter), out_dir, scale)
+
+
+def _check_empty(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"--out {out_dir} exists and is not an empty folder; choose a new folder")
+
+
+def save_merged(pipe, components: dict, out_dir: str | Path, scale: float = 1.0) -> Path:
     from .inject import remove_adapters, set_adapter_scale
 
-    pipe, components = _load_components(base_model, adapter)
+    out_dir = Path(out_dir)
+    _check_empty(out_dir)
     for model in components.values():
         set_adapter_scale(model, scale)
         remove_adapters(model, merge=True)
-    pipe.save_pretrained(out_dir)
-    return Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # a full disk leaves no half pipeline behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def _load_components(base_model: str, adapter: str | Path):
@@ -241,10 +263,69 @@ def _load_components(base_model: str, adapter: str | Path):
 
     from .state import load_adapter, read_manifest
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_model)
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch.float32)  # fp16 folders too
     components = {c: getattr(pipe, c) for c in read_manifest(adapter)[1]["components"]}
     load_adapter(components, adapter)
     return pipe, components
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} keeps nothing; use a rank of 1 or more (e.g. 32)")
+    return value
+
+
+def _energy(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        why = "keeps nothing" if value == 0 else "is outside (0, 1]"
+        raise argparse.ArgumentTypeError(f"{value} {why}; give the share of each layer's squared singular "
+                                         "values to keep, in (0, 1], e.g. 0.9")
+    return value
+
+
+def _check_out(out: Path) -> None:
+    """Fail before any model loads when ``--out`` cannot take the export."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write there ({exc.strerror}); choose a folder you can write to") from None
+
+
+def _check_rank(rank: int | None, manifest: dict) -> None:
+    sides = [min(t["shape"]) for c in manifest["components"].values() for t in c["targets"].values()]
+    if rank is not None and rank > max(sides):
+        raise ValueError(f"--rank {rank} is above every layer's full rank (at most {max(sides)}); "
+                         f"use {max(sides)} or less")
+
+
+def _write(args, pipe, models: dict, base: str) -> None:
+    rank = args.rank if args.rank or args.energy else 32
+    if args.to == "merged":
+        print(save_merged(pipe, models, args.out))
+    elif args.to == "kohya":
+        print(export_kohya(models, args.out, rank, args.energy))
+    elif args.to == "peft":
+        print("\n".join(map(str, export_peft(models, args.out, base))))
+    else:
+        report = export_diffusers(models, args.out, rank, args.energy)
+        for comp, r in report["components"].items():
+            print(f"{comp}: {r['method']} rank {r['ranks']} relative error {r['overall_rel_error']:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,33 +339,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="a run's output folder or a dreampeft_adapter.safetensors file")
     parser.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "merged"])
     parser.add_argument("--base", help="base model (hub id or folder); default: the one it was trained on")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--rank", type=int, help="SVD rank for FourierFT/MoRA (diffusers; default 32)")
-    group.add_argument("--energy", type=float, help="SVD energy threshold in (0, 1] instead of --rank")
+    group.add_argument("--rank", type=_positive_int, help="SVD rank for FourierFT/MoRA (default 32)")
+    group.add_argument("--energy", type=_energy, help="SVD energy threshold in (0, 1] instead of --rank")
     args = parser.parse_args(argv)
+    base = args.base
     try:
-        manifest = read_manifest(args.src)[1]  # check the source before loading any model
+        manifest = read_manifest(args.src)[1]  # check the source and --out before loading any model
         base = args.base or manifest.get("base_model")
         if not base:
             raise ValueError(f"{args.src} does not name its base model; pass --base")
+        _check_rank(args.rank, manifest)
         if args.to == "merged":
-            print(export_merged(base, args.src, args.out))
-        elif args.to == "kohya":
-            rank = args.rank if args.rank or args.energy else 32
-            print(export_kohya(_load_components(base, args.src)[1], args.out, rank, args.energy))
-        elif args.to == "peft":
-            print("\n".join(map(str, export_peft(_load_components(base, args.src)[1], args.out, base))))
+            _check_empty(args.out)
         else:
-            rank = args.rank if args.rank or args.energy else 32
-            report = export_diffusers(_load_components(base, args.src)[1], args.out, rank, args.energy)
-            for comp, r in report["components"].items():
-                print(f"{comp}: {r['method']} rank {r['ranks']} relative error {r['overall_rel_error']:.4f}")
+            _check_out(args.out)
+        try:
+            pipe, models = _load_components(base, args.src)
+        except OSError as exc:  # from_pretrained: no such folder, or the hub is unreachable
+            raise ValueError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from None
+        try:
+            _write(args, pipe, models, base)
+        except OSError as exc:  # a full disk, a folder that turned read-only
+            raise ValueError(f"--out {args.out}: {exc.strerror or exc}; free space or choose another "
+                             "folder (files are written whole or not at all)") from None
     except (AdapterFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # from_pretrained: no such folder, or the hub is unreachable
-        print(f"error: cannot load base model {base!r}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

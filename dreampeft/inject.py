@@ -70,7 +70,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, names: list[str] | 
             raise ValueError(f"model has no module named {name!r}") from None
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name} is a {type(module).__name__}, not nn.Linear")
-        _set_submodule(model, name, layer_cls(module, config))
+        layer = layer_cls(module, config)
+        layer.train(module.training)  # a new module starts in train mode; take the model's
+        _set_submodule(model, name, layer)
     mark_only_adapters_trainable(model)
     return list(names)
 
@@ -125,6 +127,20 @@ def disable_adapters(model: nn.Module):
     finally:
         for layer, state in zip(layers, before):
             layer.enabled = state
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Eval mode for the duration (adapter dropout off, deterministic outputs); afterwards every
+    submodule gets back exactly the mode it had."""
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 @torch.no_grad()

@@ -16,12 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from .adapters import AdapterLayer, config_from_dict, get_method
+from .adapters import AdapterLayer
 from .inject import _set_submodule, adapter_layers, merge_adapters, remove_adapters, unmerge_adapters
-from .state import AdapterFileError, check_fits, load_adapter, read_manifest
+from .state import AdapterFileError, build_layers, check_fits, open_adapter
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_NAME = "default"
@@ -48,8 +47,16 @@ class AdapterBlend(nn.Module):
         return out
 
 
+def registry(pipe) -> dict[str, dict[str, dict[str, AdapterLayer]]]:
+    """The pipeline's loaded adapters, in load order: name → component → target → layer. The one
+    record of which layer belongs to which adapter (a layer's place in the model says nothing)."""
+    if not isinstance(getattr(pipe, "_dreampeft_registry", None), dict):
+        pipe._dreampeft_registry = {}
+    return pipe._dreampeft_registry
+
+
 def _names(pipe) -> list[str]:
-    return getattr(pipe, "_dreampeft_adapters", [])
+    return list(registry(pipe))
 
 
 def _adapted(pipe) -> dict:
@@ -59,18 +66,19 @@ def _adapted(pipe) -> dict:
 
 def _layers_of(pipe, name: str) -> list[AdapterLayer]:
     """The adapter layers of adapter ``name`` in every component."""
-    single = len(_names(pipe)) == 1
-    return [layer for model in _adapted(pipe).values() for full, layer in adapter_layers(model).items()
-            if single or full.endswith(f".adapters.{name}")]
+    return [layer for layers in registry(pipe)[name].values() for layer in layers.values()]
 
 
 def load_into_pipeline(pipe, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> dict:
-    """Load a native dreampeft adapter into ``pipe``'s components; returns its manifest."""
-    manifest = read_manifest(path)[1]
-    wanted = list(manifest["components"])
+    """Load a native dreampeft adapter into ``pipe``'s components; returns its manifest.
+
+    All or nothing: the file is read and checked whole and the new layers are built aside; the
+    pipeline changes only when every one is ready. Loaded adapters are frozen, in eval mode."""
+    af = open_adapter(path)
+    wanted = list(af.manifest["components"])
     missing = [c for c in wanted if getattr(pipe, c, None) is None]
     if missing:
-        raise AdapterFileError(f"{path} adapts {missing}, which {type(pipe).__name__} does not have")
+        raise AdapterFileError(f"{af.weights} adapts {missing}, which {type(pipe).__name__} does not have")
     name = adapter_name or DEFAULT_NAME
     if _adapted(pipe) and not _names(pipe):
         raise ValueError("this pipeline carries adapters not loaded by load_into_pipeline; "
@@ -78,43 +86,31 @@ def load_into_pipeline(pipe, path: str | Path, adapter_name: str | None = None, 
     if name in _names(pipe):
         raise ValueError(f"an adapter named {name!r} is loaded already; pick another adapter_name "
                          f"or dp.unload(pipe, {name!r}) first")
-    if not _names(pipe):
-        load_adapter({c: getattr(pipe, c) for c in wanted}, path)
-    else:
-        _to_blends(pipe, _names(pipe)[0])
-        for comp in wanted:
-            _load_member(getattr(pipe, comp), comp, manifest["components"][comp], path, name)
-    pipe._dreampeft_adapters = _names(pipe) + [name]
-    for layer in _layers_of(pipe, name):
-        layer.set_scale(scale)
-    return manifest
-
-
-def _to_blends(pipe, first: str) -> None:
-    """Turn single-adapter layers into blends holding that adapter under ``first``."""
-    for model in _adapted(pipe).values():
-        for full, layer in adapter_layers(model).items():
-            if ".adapters." not in full:
-                blend = AdapterBlend(layer.base_layer)
-                blend.adapters[first] = layer
-                _set_submodule(model, full, blend)
-
-
-@torch.no_grad()
-def _load_member(model: nn.Module, comp: str, entry: dict, path, name: str) -> None:
-    check_fits(comp, model, entry, path, existing_ok=True)
-    configs = [config_from_dict(c) for c in entry["configs"]]
-    new = {t: (model.get_submodule(t), configs[info["config"]]) for t, info in entry["targets"].items()}
-    weights = read_manifest(path)[0]
-    with safe_open(weights, framework="pt") as f:
-        for target, (module, cfg) in new.items():
-            blend = module if isinstance(module, AdapterBlend) else AdapterBlend(module)
-            layer = get_method(cfg.method)(blend.base_layer, cfg)
-            for key, dest in layer.adapter_state().items():
-                dest.copy_(f.get_tensor(f"{comp}/{target}.{key}").to(dest.device, dest.dtype))
-            blend.adapters[name] = layer
-            if blend is not module:
+    built = {}
+    for comp in wanted:
+        model = getattr(pipe, comp)
+        check_fits(comp, model, af.entry(comp), af.weights, existing_ok=True)
+        built[comp] = build_layers(af, comp, model)
+    first = _names(pipe)[0] if _names(pipe) else None
+    for comp, layers in built.items():  # nothing below can fail: commit
+        model = getattr(pipe, comp)
+        for target, layer in layers.items():
+            layer.requires_grad_(False)
+            layer.eval()
+            layer.set_scale(scale)
+            module = model.get_submodule(target)
+            if first is None:
+                _set_submodule(model, target, layer)
+                continue
+            if not isinstance(module, AdapterBlend):
+                blend = AdapterBlend(getattr(module, "base_layer", module))
+                if isinstance(module, AdapterLayer):
+                    blend.adapters[first] = module
                 _set_submodule(model, target, blend)
+                module = blend
+            module.adapters[name] = layer
+    registry(pipe)[name] = built
+    return af.manifest
 
 
 def set_adapters(pipe, names: list[str], weights: list[float] | None = None) -> None:
@@ -147,19 +143,21 @@ def unfuse(pipe) -> None:
 
 def unload(pipe, adapter_name: str | None = None) -> None:
     """Remove one adapter (or all) and restore the plain Linear layers' original weights."""
-    names = [adapter_name] if adapter_name else list(_names(pipe))
+    names = [adapter_name] if adapter_name else _names(pipe)
     for name in names:
         if name not in _names(pipe):
             raise ValueError(f"no adapter named {name!r} is loaded (loaded: {_names(pipe)})")
-    for model in _adapted(pipe).values():
-        for full, module in list(model.named_modules()):
-            if isinstance(module, AdapterBlend):
-                for name in names:
-                    if name in module.adapters:
-                        module.adapters[name].unmerge()
-                        del module.adapters[name]
-                if not module.adapters:
-                    _set_submodule(model, full, module.base_layer)
-        if len(names) == len(_names(pipe)):
+    for name in names:
+        for comp, layers in registry(pipe).pop(name).items():
+            model = getattr(pipe, comp)
+            for target, layer in layers.items():
+                layer.unmerge()
+                module = model.get_submodule(target)
+                if isinstance(module, AdapterBlend):
+                    module.adapters.pop(name)
+                    if module.adapters:
+                        continue
+                _set_submodule(model, target, layer.base_layer)
+    if adapter_name is None:  # and adapters put there by other code (inject_adapters, load_adapter)
+        for model in _adapted(pipe).values():
             remove_adapters(model, merge=False)
-    pipe._dreampeft_adapters = [n for n in _names(pipe) if n not in names]

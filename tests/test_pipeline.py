@@ -52,7 +52,7 @@ def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):
     tensors = load_file(tmp_path / "run" / "dreampeft_adapter.safetensors")
     save_file(tensors, tmp_path / "run" / "dreampeft_adapter.safetensors",
               metadata={"format": "pt", "dreampeft-adapter": json.dumps(manifest)})
-    with pytest.raises(dp.ConfigError, match="unknown adapter method 'dora'; choose one of"):
+    with pytest.raises(dp.AdapterFileError, match="dreampeft_adapter.safetensors: .*unknown adapter method 'dora'; choose one of"):
         dp.load_into_pipeline(pipe, tmp_path / "run")
 
 

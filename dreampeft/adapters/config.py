@@ -74,6 +74,8 @@ def _float_only(hint: Any) -> bool:
 def _hint_name(hint: Any) -> str:
     if typing.get_origin(hint) is typing.Literal:
         return "choice among " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple) and typing.get_args(hint):
+        return "list of " + _hint_name(typing.get_args(hint)[0])
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

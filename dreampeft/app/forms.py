@@ -15,12 +15,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from ..adapters import METHODS, AdapterConfig
-from ..dreambooth.data import IMAGE_EXTENSIONS
+from ..dreambooth.data import IMAGE_EXTENSIONS, DreamBoothError, load_image, size_problem
 
 IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
 MAX_IMAGES = 50
 MAX_FILE_MB = 25
-MIN_SIDE = 32
 
 
 class UploadError(ValueError):
@@ -43,14 +42,16 @@ def check_uploads(paths: list[str] | None) -> list[Path]:
             raise UploadError(f"{name}: {size_mb:.0f} MB is over the {MAX_FILE_MB} MB limit; downscale it")
         try:
             with Image.open(p) as im:
-                im.verify()
-            with Image.open(p) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                problem = size_problem(*im.size)
+                if problem is None:
+                    im.verify()
+            if problem is None:
+                load_image(p)  # the trainer's own reader: what passes here trains
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError, DreamBoothError) as exc:
             raise UploadError(f"{name}: cannot be read as an image ({exc.__class__.__name__}); "
                               "re-save it as PNG or JPEG") from None
-        if min(w, h) < MIN_SIDE:
-            raise UploadError(f"{name}: {w}×{h} is too small; use images at least {MIN_SIDE} px on each side")
+        if problem is not None:
+            raise UploadError(f"{name}: {problem}")
     return paths
 
 

@@ -6,6 +6,8 @@ browser; ``App.blocks()`` only lays out widgets and wires them to the handlers.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -71,17 +73,19 @@ class App:
                                     options_from_values(self.specs, values, m)) for m in methods]
         except (ConfigError, UploadError, ModelError, DreamBoothError, ValueError) as exc:
             return f"**Cannot start:** {exc}"
+        for cfg in configs:  # each its own folder, made now: two clicks in one second never share one
+            runs = self.work_dir / "runs"
+            runs.mkdir(parents=True, exist_ok=True)
+            out = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), suffix=f"-{cfg.adapter}", dir=runs))
+            cfg.output_dir, cfg.events = str(out), str(out / "events.jsonl")
         jobs = [self.queue.submit(cfg) for cfg in configs]
         return f"Queued {', '.join(f'{j.method} (run {j.id})' for j in jobs)} on `{model}`."
 
     def _config(self, model: str, data: Path, prompt: str, method: str, steps: int, resolution: int,
                 seed: int, validate_every: int, lr: float, options: dict) -> DreamBoothConfig:
-        out = self.work_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
-        while out.exists():
-            out = out.with_name(out.name + "+")
-        return DreamBoothConfig(
+        return DreamBoothConfig(  # output_dir and events are set when the run is queued
             pretrained_model_name_or_path=model, instance_data_dir=str(data), instance_prompt=prompt,
-            output_dir=str(out), events=str(out / "events.jsonl"), adapter=method, adapter_options=options,
+            adapter=method, adapter_options=options,
             max_train_steps=steps, resolution=resolution, seed=seed, learning_rate=lr,
             validation_prompt=prompt, num_validation_images=1, validation_steps=validate_every,
             inference_steps=10 if resolution <= 128 else 25)
@@ -100,13 +104,28 @@ class App:
             eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
             state = p["state"] + (f": {p['error']}" if p["error"] else "")
             rows.append([job.id, job.method, state, step, loss, eta])
-            samples += [(img, f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
+            samples += [(self.public(img), f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
             if job.state == "done":
                 downloads.append(str(self._archive(job.output_dir)))
         return rows, samples[-8:], downloads
 
+    @property
+    def public_dir(self) -> Path:
+        """The only folder the server serves files from (``allowed_paths``): copies of what the UI
+        shows, never the runs, uploads or models themselves."""
+        return self.work_dir / "public"
+
+    def public(self, path: str | Path) -> str:
+        path = Path(path)
+        copy = self.public_dir / path.parent.parent.name / path.parent.name / path.name
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy.with_suffix(".tmp"))
+            copy.with_suffix(".tmp").rename(copy)
+        return str(copy)
+
     def _archive(self, run_dir: Path) -> Path:
-        zip_path = self.work_dir / "downloads" / f"{run_dir.name}.zip"
+        zip_path = self.public_dir / "downloads" / f"{run_dir.name}.zip"
         if not zip_path.exists():
             zip_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = zip_path.with_suffix(".tmp")
@@ -143,10 +162,10 @@ class App:
         return gallery, scores, note + (f" {missing}." if missing else "")
 
     # -- layout ---------------------------------------------------------------------------------
-    def blocks(self):
+    def blocks(self, delete_cache: tuple[int, int] | None = None):
         import gradio as gr
 
-        with gr.Blocks(title="dreampeft") as demo:
+        with gr.Blocks(title="dreampeft", delete_cache=delete_cache) as demo:
             gr.Markdown("# dreampeft\nPersonalise SDXL with **LoRA**, **LoRA-Dash**, **FourierFT** or "
                         "**MoRA**: upload a subject, train, then compare methods side by side.")
             model = gr.Dropdown(list(PRESETS), value=self.model, allow_custom_value=True,

@@ -14,14 +14,24 @@ def _size(path: Path) -> str:
 
 
 def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: int, report: dict,
-                     images: list[str]) -> Path:
+                     images: list[str], run_dir: Path | None = None) -> Path:
+    """``out/README.md``; image links are relative to ``run_dir`` (default ``out``), where the card
+    will finally live."""
+    run_dir = run_dir or out
     files = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
     errors = "\n".join(
         f"| {c} | {r['method']} | {'exact' if r['exact'] else 'truncated SVD'} | {', '.join(map(str, r['ranks']))} "
         f"| {r['overall_rel_error']:.4f} | {r['max_layer_rel_error']:.4f} |"
         for c, r in report["components"].items())
     options = json.dumps(cfg.adapter_config("unet").to_dict(), indent=2)
+    # The hub's front matter for LoRA repositories, so the card is indexed like diffusers' and
+    # kohya's (JSON strings are valid YAML scalars, so prompts with quotes or colons stay intact).
+    tags = ["text-to-image", "diffusers", "lora", "dreambooth", "dreampeft", cfg.adapter,
+            "stable-diffusion-xl", "template:sd-lora"]
+    front = ["---", f"base_model: {json.dumps(cfg.pretrained_model_name_or_path)}", "library_name: diffusers",
+             f"instance_prompt: {json.dumps(cfg.instance_prompt)}", "tags:", *[f"- {t}" for t in tags], "---", ""]
     lines = [
+        *front,
         f"# {cfg.adapter} adapter for {cfg.pretrained_model_name_or_path}", "",
         f"DreamBooth with dreampeft: **{cfg.adapter}**, {steps} steps, {trainable:,} trainable parameters"
         f"{' (UNet and both text encoders)' if cfg.train_text_encoder else ' (UNet)'}.", "",
@@ -34,8 +44,10 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         "| component | method | export | ranks | overall rel. error | worst layer |", "|---|---|---|---|---:|---:|",
         errors, "",
         "## How to load", "", "```python",
+        "import torch",
         "from diffusers import StableDiffusionXLPipeline",
-        f"pipe = StableDiffusionXLPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r})",
+        f"pipe = StableDiffusionXLPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r},",
+        "                                                 torch_dtype=torch.float32)  # float16 on a GPU",
         "pipe.load_lora_weights('THIS_FOLDER')          # diffusers (pytorch_lora_weights.safetensors)",
         "# or, exact for every method:",
         "import dreampeft as dp",
@@ -45,7 +57,7 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         "(or train with `--extra_exports kohya`). A full checkpoint with the update fused in:",
         "`python -m dreampeft.export THIS_FOLDER --to merged --out merged/`.", "",
         "## Method options", "", "```json", options, "```", "",
-        *(["## Validation images", "", *[f"![]({Path(i).relative_to(out)})" for i in images], ""] if images else []),
+        *(["## Validation images", "", *[f"![]({Path(i).relative_to(run_dir)})" for i in images], ""] if images else []),
     ]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")

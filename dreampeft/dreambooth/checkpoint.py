@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..state import load_adapter, save_adapter
+from ..state import AdapterFileError, load_adapter, save_adapter
 from .data import DreamBoothError
 
 STATE_NAME = "trainer_state.pt"
@@ -61,10 +61,17 @@ def resolve_checkpoint(out_dir: Path, spec: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, scaler) -> int:
-    load_adapter(models, path)  # in place: the optimizer keeps its parameter references
-    state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        load_adapter(models, path)  # in place: the optimizer keeps its parameter references
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    except AdapterFileError:
+        raise
+    except Exception as exc:  # truncated, edited or from another optimizer: torch raises many types
+        raise DreamBoothError(f"{path / STATE_NAME}: cannot restore the training state "
+                              f"({type(exc).__name__}); resume from an earlier checkpoint-N, or start "
+                              "over with --overwrite_output_dir") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return int(state["step"])

@@ -94,13 +94,19 @@ def parse_config(argv: list[str] | None = None) -> DreamBoothConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"--config {path}: no such file") from None
+        except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+            why = "is a folder" if isinstance(exc, IsADirectoryError) else "cannot be read as text"
+            raise ConfigError(f"--config {path}: {why}; pass a JSON file of options") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"--config {path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {path}: expected a JSON object of options")
+    # a method option in the JSON (``"rank": 8``) means what its flag means; flags still win
+    options = {f"adapter.{k}": data.pop(k) for k in list(data) if f"--{k}" in adapter_option_fields()}
     data.update({k: v for k, v in given.items() if not k.startswith("adapter.")})
-    data["adapter_options"] = adapter_options_from(given, data.get("adapter", "lora"),
-                                                   data.get("adapter_options"))
+    method = data.get("adapter", "lora")
+    data["adapter_options"] = adapter_options_from(
+        given, method, adapter_options_from(options, method, data.get("adapter_options")))
     return DreamBoothConfig.from_dict(data, source="options")
 
 
@@ -110,16 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     from ..state import AdapterFileError
     from ..utils import quiet_libraries
     from .data import DreamBoothError
-    from .train import train
+    from .train import RunStopped, train
 
     quiet_libraries()
+    cfg = None
     try:
-        out = train(parse_config(argv))
+        cfg = parse_config(argv)
+        result = train(cfg)
     except (ConfigError, DreamBoothError, AdapterFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        print(f"adapters saved in {out}")
+    except (KeyboardInterrupt, RunStopped) as exc:
+        where = cfg.output_dir if cfg else "--output_dir"
+        print(f"error: {exc or 'interrupted (Ctrl-C)'}; the checkpoints in {where} are complete: "
+              "continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 2
+    if result is not None:  # the main process
+        print(f"adapters saved in {result.output_dir}")
     return 0

@@ -30,6 +30,8 @@ class DreamBoothConfig:
     instance_data_dir: str = option("", "folder of subject images (optional NAME.txt caption beside NAME.png)")
     instance_prompt: str = option("", "prompt with the identifier, e.g. 'a photo of sks dog'")
     output_dir: str = option("dreambooth-out", "where adapters, checkpoints and samples go")
+    overwrite_output_dir: bool = option(False, "replace the finished run or checkpoints already in "
+                                        "--output_dir (their files are removed first)")
     # -- adapter
     adapter: Literal["lora", "lora_dash", "fourierft", "mora"] = option("lora", "adapter method")
     adapter_options: dict = option({}, "method options (set by their own flags, e.g. --rank)")

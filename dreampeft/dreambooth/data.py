@@ -1,9 +1,10 @@
 """Subject and class images: loading, captions, per-step augmentation, batch order.
 
 Folder rules: every file with an image extension must open (a broken one stops the run with its
-name); ``NAME.txt`` beside ``NAME.png`` is that image's caption; any other file is ignored and
-listed once in a warning. EXIF orientation is applied; RGBA/LA/palette images are composited on
-white, grayscale and CMYK are converted to RGB.
+name, and so does one under 32 px a side or over 64 megapixels); ``NAME.txt`` beside ``NAME.png``
+is that image's caption; any other file is ignored and listed once in a warning. EXIF orientation
+is applied; RGBA/LA/palette images are composited on white, grayscale and CMYK are converted to
+RGB, and 16-bit and float images are scaled to 8 bits.
 
 Randomness is a pure function of (seed, micro-batch, rank): which images a micro-batch holds,
 their crops and flips. A resumed run therefore draws exactly what the uninterrupted run drew.
@@ -35,18 +36,51 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
 
 
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DreamBoothError(f"{path}: cannot read this image ({exc}); fix or remove the file") from None
+MIN_SIDE = 32  # smaller is no photo of a subject (and SDXL's VAE needs a few latent pixels)
+MAX_PIXELS = 64 * 2**20  # 64 megapixels (8192²); larger is no photo a subject needs, or a bomb
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused (trainer, eval and the app share the rule), or None."""
+    if min(width, height) < MIN_SIDE:
+        return f"{width}×{height} is too small; use images at least {MIN_SIDE} px on each side"
+    if width * height > MAX_PIXELS:
+        return (f"{width}×{height} is {width * height / 2**20:.0f} megapixels, over the "
+                f"{MAX_PIXELS // 2**20} MP limit (or a decompression bomb); downscale it")
+    return None
+
+
+def to_8bit_rgb(im: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit and float images are scaled, not clipped (PIL's own
+    convert turns a 16-bit grayscale into solid white and a [0, 1] float image into black)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        top = a.max(initial=0.0)
+        if im.mode == "F":  # float images are [0, 1] by convention; brighter ones are normalised
+            full = max(1.0, top)
+        else:  # 16-bit range; 32-bit integer images beyond it are normalised to their maximum
+            full = 65535.0 if top <= 65535 else top
+        im = Image.fromarray(np.clip(np.rint(a / full * 255), 0, 255).astype(np.uint8), "L")
     if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, im).convert("RGB")
     return im.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            problem = size_problem(*im.size)  # from the header, before decoding a bomb
+            if problem is None:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DreamBoothError(f"{path}: cannot read this image ({exc}); fix or remove the file") from None
+    if problem is not None:
+        raise DreamBoothError(f"{path}: {problem}")
+    return to_8bit_rgb(im)
 
 
 @dataclass

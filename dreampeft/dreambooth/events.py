@@ -28,11 +28,18 @@ class EventLog:
 
 
 def read_events(path: str | Path) -> list[dict]:
-    """All complete events in ``path`` (a partially written last line is skipped)."""
+    """All events in ``path``. Only the last line may be incomplete (a writer mid-line); a damaged
+    line before it means the file is not an event log, and raises naming the line."""
     out = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON event line; is this a dreampeft --events file?") from None
+        if not isinstance(event, dict) or "event" not in event:
+            raise ValueError(f"{path}:{number}: not a dreampeft event (no 'event' key)")
+        out.append(event)
     return out

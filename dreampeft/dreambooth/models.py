@@ -51,7 +51,9 @@ def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
     unet = _load(UNet2DConditionModel, path, flag, subfolder="unet", revision=rev)
     scheduler = _load(DDPMScheduler, path, flag, subfolder="scheduler", revision=rev)
     for m in (*encoders, vae, unet):
-        m.requires_grad_(False)
+        # Set, not assumed: transformers 5 loads a folder saved in fp16 as fp16 (diffusers as fp32),
+        # and a mixed pipeline stops with a dtype mismatch. The run casts later as it asks.
+        m.to(torch.float32).requires_grad_(False).eval()
     return SDXLParts(tokenizers, encoders, vae, unet, scheduler)
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,45 +23,17 @@ import torch.nn.functional as F
 
 from .. import inject
 from ..adapters import dash_step
-from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_merged, export_peft, factorize
-from ..state import save_adapter
-from .card import write_model_card
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from ..state import WEIGHTS_NAME
+from . import rundir
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
 from .data import BatchPlan, DreamBoothError, Example, augment, generator, scan_folder
 from .events import EventLog
+from .optim import OPTIMIZERS
+from .finish import TrainResult, final_save, rank_checksums
+from .finish import result as finish_result
 from .models import SDXLParts, build_pipeline, encode_prompts, load_parts, tokenize
 from .prior import generate_class_images
-
-
-def _adam_kwargs(cfg: DreamBoothConfig) -> dict:
-    return {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
-            "eps": cfg.adam_epsilon}
-
-
-def _adamw(cfg, groups):
-    return torch.optim.AdamW(groups, **_adam_kwargs(cfg))
-
-
-def _adamw8bit(cfg, groups):
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise DreamBoothError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes; "
-                              "CUDA only); or use --optimizer adamw") from None
-    return bnb.optim.AdamW8bit(groups, **_adam_kwargs(cfg))
-
-
-def _prodigy(cfg, groups):
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise DreamBoothError("--optimizer prodigy needs prodigyopt (pip install prodigyopt); "
-                              "or use --optimizer adamw") from None
-    return Prodigy(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay)
-
-
-OPTIMIZERS = {"adamw": _adamw, "adamw8bit": _adamw8bit, "prodigy": _prodigy}
 
 
 @dataclass
@@ -74,6 +50,9 @@ class Run:
     total_steps: int = 0
     latents: dict = field(default_factory=dict)  # cache of deterministic views
     prompts: dict = field(default_factory=dict)  # cache of frozen-encoder embeddings
+    images: list = field(default_factory=list)  # the latest validation images
+    validated_at: int | None = None  # and their step
+    step_done: int = 0  # optimizer steps completed (resumed ones included)
 
     @property
     def device(self):
@@ -119,6 +98,12 @@ def setup(cfg: DreamBoothConfig, acc) -> Run:
         if cfg.train_text_encoder:
             _inject(cfg, enc, name)
             trained[name] = enc
+    # from_pretrained returns eval-mode models. Set each mode: what trains runs in train mode (adapter
+    # dropout on; transformers checkpoints only in training mode), the frozen rest in eval mode.
+    for m in (parts.vae, *parts.text_encoders):
+        m.eval()
+    for m in trained.values():
+        m.train()
     if cfg.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         for name in trained.keys() - {"unet"}:
@@ -231,6 +216,10 @@ def compute_loss(run: Run, micro: int) -> torch.Tensor:
     return inst.mean() + cfg.prior_loss_weight * prior.mean()
 
 
+def _rng_devices(run: Run) -> list:
+    return [run.device] if run.device.type == "cuda" else []
+
+
 def train_step(run: Run, step: int) -> float:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
     accum, total = run.cfg.gradient_accumulation_steps, torch.zeros((), device=run.device)
@@ -239,6 +228,8 @@ def train_step(run: Run, step: int) -> float:
             if k < accum - 1:  # gradients are all-reduced once, on the last micro-batch
                 for m in run.trained.values():
                     stack.enter_context(run.acc.no_sync(m))
+            # compute_loss seeds the global RNG (adapter dropout); it gets its state back after
+            stack.enter_context(torch.random.fork_rng(devices=_rng_devices(run)))
             loss = compute_loss(run, step * accum + k)
             run.acc.backward(loss / accum)
         total += loss.detach() / accum
@@ -261,7 +252,7 @@ def validate(run: Run, step: int, events: EventLog) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(cfg.num_validation_images):
-        with run.acc.autocast():
+        with run.acc.autocast(), inject.eval_mode(*models.values()):  # no adapter dropout in samples
             image = pipe(cfg.validation_prompt, num_inference_steps=cfg.inference_steps,
                          height=cfg.resolution, width=cfg.resolution,
                          generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
@@ -269,6 +260,7 @@ def validate(run: Run, step: int, events: EventLog) -> list[str]:
         image.save(path)
         paths.append(str(path))
     events.emit("validation", step=step, images=paths, prompt=cfg.validation_prompt)
+    run.images, run.validated_at = paths, step
     return paths
 
 
@@ -283,12 +275,19 @@ def _checkpoint(run: Run, step: int, events: EventLog) -> None:
 
 
 def _resume(run: Run) -> int:
-    spec = run.cfg.resume_from_checkpoint
-    if not spec:
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    if not cfg.resume_from_checkpoint:
         return 0
-    path = resolve_checkpoint(Path(run.cfg.output_dir), spec)
-    if path is None:  # 'latest' with nothing saved yet: a fresh start, as diffusers does
+    path = resolve_checkpoint(out, cfg.resume_from_checkpoint)
+    if path is None:
+        if (out / WEIGHTS_NAME).exists():
+            raise DreamBoothError(f"--resume_from_checkpoint latest: {out} holds a finished run and no "
+                                  "checkpoint to continue from; pass --overwrite_output_dir to train anew")
+        if run.acc.is_main_process:
+            print(f"note: --resume_from_checkpoint latest: no checkpoint in {out} yet; starting at step 0",
+                  file=sys.stderr)
         return 0
+    rundir.check_resume_config(path, cfg.to_dict())
     return load_checkpoint(path, run.unwrapped(), run.optimizer, run.lr_scheduler, run.acc.scaler)
 
 
@@ -296,23 +295,80 @@ def _due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def train(cfg: DreamBoothConfig) -> Path:
-    """Run DreamBooth; returns the output folder holding the adapters."""
-    from tqdm.auto import tqdm
+class RunStopped(Exception):
+    """SIGTERM arrived (the app's Stop button, a job scheduler): the run ends like Ctrl-C does."""
 
+
+def _raise_stopped(signum, frame):
+    raise RunStopped(f"stopped by {signal.Signals(signum).name}")
+
+
+def _open_events(cfg: DreamBoothConfig, acc) -> EventLog:
+    try:
+        return EventLog(cfg.events, enabled=acc.is_main_process)
+    except OSError as exc:
+        raise DreamBoothError(f"--events {cfg.events}: cannot write it ({exc.strerror}); give a file "
+                              "path in a folder you can write to") from None
+
+
+def train(cfg: DreamBoothConfig) -> TrainResult:
+    """Run DreamBooth; returns where everything went and what the run cost."""
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg)
-    events = EventLog(cfg.events, enabled=acc.is_main_process)
+    events = _open_events(cfg, acc)
+    lock, run = None, None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_stopped)
     try:
+        if acc.is_main_process:
+            lock = rundir.claim(out, cfg.overwrite_output_dir, bool(cfg.resume_from_checkpoint))
         run = setup(cfg, acc)
-        start = _resume(run)
-        events.emit("start", total_steps=run.total_steps, start_step=start, adapter=cfg.adapter,
+        run.step_done = _resume(run)
+        events.emit("start", total_steps=run.total_steps, start_step=run.step_done, adapter=cfg.adapter,
                     trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
                     processes=acc.num_processes)
-        bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
+        step_seconds = _loop(run, run.step_done, events)
+        checksums = rank_checksums(run)
+        result = None
+        if acc.is_main_process:
+            images = run.images if run.validated_at == run.total_steps else (
+                validate(run, run.total_steps, events) if cfg.validation_prompt else [])
+            report = final_save(run, images)
+            result = finish_result(run, images, report, step_seconds, checksums)
+            events.emit("done", output_dir=str(out), adapter=str(result.adapter), images=images,
+                        diffusers=str(result.diffusers), export_rel_error=result.export_rel_error,
+                        rank_checksums=checksums, peak_memory_mb=round(result.peak_memory_mb, 1))
+        acc.wait_for_everyone()
+        return result
+    except (KeyboardInterrupt, RunStopped) as exc:
+        events.emit("stopped", reason=str(exc) or "KeyboardInterrupt", step=run and run.step_done,
+                    checkpoint=_last_checkpoint(out))
+        raise
+    except OSError as exc:  # disk full, permissions changed mid-run: say where, keep what is saved
+        err = DreamBoothError(f"{exc.filename or out}: {exc.strerror or exc}; the last complete checkpoint "
+                              f"is {_last_checkpoint(out)}: fix it and resume with --resume_from_checkpoint latest")
+        events.emit("error", message=str(err), kind="OSError")
+        raise err from None
+    except Exception as exc:
+        events.emit("error", message=str(exc), kind=type(exc).__name__)
+        raise
+    finally:
+        events.close()
+        if lock is not None:
+            lock.close()
+
+
+def _loop(run: Run, start: int, events: EventLog) -> list[float]:
+    from tqdm.auto import tqdm
+
+    cfg, acc, seconds = run.cfg, run.acc, []
+    bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
+    with bar:  # closed (its line ended) before any error line is printed
         for step in range(start, run.total_steps):
+            t0 = time.perf_counter()
             loss = train_step(run, step)
-            done = step + 1
+            seconds.append(time.perf_counter() - t0)
+            done = run.step_done = step + 1
             launched = [n for m in run.unwrapped().values() for n in dash_step(m, done)]
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -322,57 +378,9 @@ def train(cfg: DreamBoothConfig) -> Path:
                 _checkpoint(run, done, events)
             if cfg.validation_prompt and _due(cfg.validation_steps, done) and acc.is_main_process:
                 validate(run, done, events)
-        bar.close()
-        checksums = _rank_checksums(run)
-        if acc.is_main_process:
-            _finish(run, events, checksums)
-        acc.wait_for_everyone()
-        return out
-    except Exception as exc:
-        events.emit("error", message=str(exc), kind=type(exc).__name__)
-        raise
-    finally:
-        events.close()
+    return seconds
 
 
-def _rank_checksums(run: Run) -> list[list[float]]:
-    """(sum, sum of squares) of every adapter tensor, from every process: replicas must agree."""
-    vals = [(p.detach().double().sum(), p.detach().double().pow(2).sum())
-            for m in run.unwrapped().values() for p in inject.adapter_parameters(m)]
-    local = torch.tensor([sum(v[0] for v in vals), sum(v[1] for v in vals)], dtype=torch.float64)
-    gathered = run.acc.gather(local.to(run.device)[None]).cpu().tolist()
-    if any(row != gathered[0] for row in gathered):
-        raise RuntimeError(f"adapter replicas diverged across processes: {gathered}")
-    return gathered
-
-
-def _extra_exports(run: Run, out: Path, factors: dict) -> None:
-    cfg, models = run.cfg, run.unwrapped()
-    if "kohya" in cfg.extra_exports:
-        export_kohya(models, out, factors=factors)
-    if "peft" in cfg.extra_exports:
-        export_peft(models, out / "peft", base_model=cfg.pretrained_model_name_or_path)
-    if "merged" in cfg.extra_exports:
-        export_merged(cfg.pretrained_model_name_or_path, out, out / "merged")
-
-
-def _finish(run: Run, events: EventLog, checksums: list) -> None:
-    cfg, out = run.cfg, Path(run.cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = save_adapter(
-        run.unwrapped(), out, extra_metadata={"base_model": cfg.pretrained_model_name_or_path,
-                                              "instance_prompt": cfg.instance_prompt,
-                                              "trained_steps": run.total_steps})
-    cfg.save(out / "dreambooth_config.json")
-    factors = factorize(run.unwrapped(), rank=cfg.export_rank, energy=cfg.export_energy)
-    report = export_diffusers(run.unwrapped(), out, factors=factors)
-    (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    _extra_exports(run, out, factors)
-    images = []
-    if cfg.validation_prompt and not _due(cfg.validation_steps, run.total_steps):
-        images = validate(run, run.total_steps, events)
-    trainable = sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values())
-    write_model_card(out, cfg, trainable, run.total_steps, report, images)
-    errors = {c: r["overall_rel_error"] for c, r in report["components"].items()}
-    events.emit("done", output_dir=str(out), adapter=str(weights), images=images,
-                diffusers=str(out / DIFFUSERS_WEIGHTS), export_rel_error=errors, rank_checksums=checksums)
+def _last_checkpoint(out: Path) -> str | None:
+    found = list_checkpoints(out)
+    return str(found[-1][1]) if found else None

@@ -53,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"pretrain: --{e}")
         pretrain(args.out, config, log=lambda msg: print(msg, flush=True))
     elif args.command == "samples":
+        import torch
         from diffusers import StableDiffusionXLPipeline
 
         from .evaluate import sample_grid
 
-        pipe = StableDiffusionXLPipeline.from_pretrained(args.model)
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         sample_grid(pipe, args.seed).save(args.out)
         print(f"rows: circle, square, triangle, diamond; columns: red … orange → {args.out}")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..dreambooth import DreamBoothConfig, train
 from ..dreambooth.events import read_events
@@ -98,7 +99,7 @@ def _load(model_dir):
 
     from .evaluate import load_judge
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe, load_judge(model_dir)
 
