@@ -17,29 +17,29 @@ def _save(img: Image.Image, path, **kw):
 @pytest.mark.parametrize("mode,fmt", [("RGBA", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("L", "PNG"),
                                       ("CMYK", "JPEG"), ("I;16", "PNG"), ("1", "PNG")])
 def test_every_image_mode_becomes_rgb(mode, fmt, tmp_path):
-    img = Image.new("RGB", (20, 10), (200, 30, 30)).convert(mode)
+    img = Image.new("RGB", (40, 32), (200, 30, 30)).convert(mode)
     out = load_image(_save(img, tmp_path / f"x.{fmt.lower()}", format=fmt))
-    assert out.mode == "RGB" and out.size == (20, 10)
+    assert out.mode == "RGB" and out.size == (40, 32)
 
 
 def test_transparent_pixels_become_white(tmp_path):
-    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    img = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
     assert load_image(_save(img, tmp_path / "t.png")).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    img = Image.new("RGB", (30, 10), (0, 0, 0))
-    img.paste((255, 255, 255), (0, 0, 5, 10))  # white stripe on the left edge
+    img = Image.new("RGB", (60, 32), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 10, 32))  # white stripe on the left edge
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     out = load_image(_save(img, tmp_path / "r.jpg", exif=exif.tobytes(), quality=95))
-    assert out.size == (10, 30)
-    assert sum(out.getpixel((5, 1))) > 600 and sum(out.getpixel((5, 28))) < 100  # stripe now on top
+    assert out.size == (32, 60)
+    assert sum(out.getpixel((5, 1))) > 600 and sum(out.getpixel((5, 56))) < 100  # stripe now on top
 
 
 def test_folder_rules(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    Image.new("RGB", (8, 8)).save(tmp_path / "B.JPG")
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "B.JPG")
     (tmp_path / "a.txt").write_text("a photo of sks dog on the moon\n")
     (tmp_path / "notes.md").write_text("ignored")
     (tmp_path / ".DS_Store").write_text("hidden, ignored silently")

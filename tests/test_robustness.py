@@ -450,3 +450,62 @@ def test_the_app_gives_every_job_its_own_folder_at_submission(tiny_sdxl, tmp_pat
     assert app.public_dir == tmp_path.resolve() / "work" / "public"
     shown = app.public(SUBJECT[0])  # what the UI shows is copied into the one served folder
     assert Path(shown).is_relative_to(app.public_dir) and Path(shown).read_bytes() == Path(SUBJECT[0]).read_bytes()
+
+
+# -- crash tests: kill -9 in the middle of a checkpoint and of the final save ---------------------------
+KILLER = """
+import os, signal, sys, types
+sys.path.insert(0, {root!r})
+import dreampeft.dreambooth.{module} as m
+real, calls = m.{name}.{attr}, [0]
+def killer(*a, **k):
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+m.{name} = types.SimpleNamespace(**{{**{{k: getattr(m.{name}, k) for k in dir(m.{name}) if not k.startswith('__')}},
+                                    "{attr}": killer}})
+import train_dreambooth
+sys.exit(train_dreambooth.main(sys.argv[1:]))
+"""
+
+
+def _killed_run(args, module: str, name: str, attr: str, n: int, cwd: Path) -> int:
+    code = KILLER.format(root=str(ROOT), module=module, name=name, attr=attr, n=n)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, cwd=cwd,
+                          timeout=300).returncode
+
+
+def test_kill_9_during_a_checkpoint_keeps_the_last_complete_one(tiny_sdxl, instance_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "5", "--checkpointing_steps", "2")
+    assert _killed_run(args, "checkpoint", "torch", "save", 2, tmp_path) == -signal.SIGKILL  # in checkpoint-4
+    assert (out / "checkpoint-2" / "trainer_state.pt").exists() and not (out / "checkpoint-4").exists()
+    assert _main(args + ["--resume_from_checkpoint", "latest"], capsys)[0] == 0
+    assert [e for e in read_events(out / "events.jsonl") if e["event"] == "start"][-1]["start_step"] == 2
+    assert not list(out.glob(".checkpoint-*.tmp"))  # the torn one was cleared by the next save
+
+
+@pytest.mark.parametrize("name,attr,n,expected", [
+    ("os", "replace", 3, "old"),  # midway through moving the old outputs aside
+    ("os", "replace", 10, "old"),  # midway through moving the new ones in (their adapter is last)
+    ("shutil", "rmtree", 1, "new"),  # everything moved in, the old not yet dropped
+])
+def test_kill_9_during_the_final_save_leaves_one_whole_run(name, attr, n, expected, tiny_sdxl, instance_dir,
+                                                            tmp_path, capsys):
+    from dreampeft.dreambooth import rundir
+
+    out = tmp_path / "out"
+    first = base_args(tiny_sdxl, instance_dir, out, "--checkpointing_steps", "2")
+    assert _main(first, capsys)[0] == 0
+    old = {n_: (out / n_).read_bytes() for n_ in rundir.FINAL_OUTPUTS if (out / n_).is_file()}
+    again = first + ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+    assert _killed_run(again, "rundir", name, attr, n, tmp_path) == -signal.SIGKILL
+    rundir.recover(out)  # what the next run in this folder does first
+    now = {n_: (out / n_).read_bytes() for n_ in rundir.FINAL_OUTPUTS if (out / n_).is_file()}
+    if now != old:  # then it must be the whole new run
+        assert now.keys() == old.keys()
+        assert json.loads(now["dreampeft_adapter.json"])["trained_steps"] == 4
+        assert json.loads(now["dreambooth_config.json"])["max_train_steps"] == 4
+        assert "4 steps" in now["README.md"].decode()
+    assert (now == old) == (expected == "old")
