@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -25,23 +24,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .adapters import ConfigError
+from .adapters import METHODS, ConfigError
 from .dreambooth import DreamBoothConfig, DreamBoothError, train
-from .dreambooth.config import SUGGESTED_LR
 from .dreambooth.data import scan_folder
-from .dreambooth.events import read_events
 from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
 from .pipeline import load_into_pipeline, unload
+from .presets import RESOLUTION, method_preset, parse_methods, preset_of
 from .toy import TOY_MODEL
 from .toy.evaluate import find_judge, is_toy, judge_similarity
 from .utils import image_grid, quiet_libraries
 
-
-
-def _peak_mib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak so far
 
 
 def generate(pipe, prompts: list[str], folder: Path, cfg: DreamBoothConfig, steps: int) -> list[Image.Image]:
@@ -65,16 +57,16 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
     for method in methods:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        cfg = DreamBoothConfig(**{**base.to_dict(), "adapter": method, "adapter_options": {},
-                                  "learning_rate": lrs.get(method, SUGGESTED_LR[method]),
+        # the model's preset: on the toy, its measured rates and FourierFT's zeros start, not SDXL's
+        spec = method_preset(preset_of(base.pretrained_model_name_or_path), method)
+        cfg = DreamBoothConfig(**{**base.to_dict(), "adapter": method, "adapter_options": dict(spec.options),
+                                  "learning_rate": lrs.get(method, spec.lr), "overwrite_output_dir": True,
                                   "output_dir": str(out / method), "events": str(out / method / "events.jsonl")})
         (out / method / "events.jsonl").unlink(missing_ok=True)
         t0 = time.perf_counter()
-        train(cfg)
-        start = read_events(out / method / "events.jsonl")[0]
-        results[method] = {"trainable": start["trainable"], "train_s": time.perf_counter() - t0,
-                           "peak_mib": _peak_mib(),
-                           "file_kib": (out / method / "dreampeft_adapter.safetensors").stat().st_size / 1024}
+        result = train(cfg)
+        results[method] = {"trainable": result.trainable, "train_s": time.perf_counter() - t0,
+                           "peak_mib": result.peak_memory_mb, "file_kib": result.adapter.stat().st_size / 1024}
     pipe = build_pipeline(base, load_parts(base))
     rows = {"base": generate(pipe, prompts, out / "images" / "base", base, steps)}
     for method in methods:
@@ -123,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="SDXL hub id or folder (default: the offline toy model, scored by its judge too)")
     p.add_argument("--instance_data_dir", required=True)
     p.add_argument("--instance_prompt", required=True)
-    p.add_argument("--methods", default="lora,lora_dash,fourierft,mora")
-    p.add_argument("--learning_rates", default="", help="per method, e.g. lora=1e-4,fourierft=5e-2")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated registered methods")
+    p.add_argument("--learning_rates", default="", help="per method, e.g. lora=1e-4,fourierft=5e-2 "
+                   "(default: the model's preset in dreampeft.presets)")
     p.add_argument("--max_train_steps", type=int, default=500)
-    p.add_argument("--resolution", type=int, help="default: 64 on the toy model, else 1024")
+    p.add_argument("--resolution", type=int, help="default: the model's preset (64 on the toy, else 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", help="comma-separated prompts (default: the DreamBooth prompts for --subject)")
     p.add_argument("--subject", help="e.g. 'sks dog': selects the 25 DreamBooth evaluation prompts")
@@ -143,16 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                    else evaluation_prompts(args.subject, args.live) if args.subject else None)
         if not prompts:
             raise ConfigError("give --prompts or --subject (for the DreamBooth prompts)")
-        methods = [m for m in args.methods.split(",") if m]
-        unknown = sorted(set(methods) - set(SUGGESTED_LR))
-        if unknown:
-            raise ConfigError(f"--methods: unknown {unknown}; choose from {sorted(SUGGESTED_LR)}")
+        methods = parse_methods(args.methods)
         lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
         base = DreamBoothConfig(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,
             max_train_steps=args.max_train_steps, seed=args.seed,
-            resolution=args.resolution or (64 if is_toy(args.pretrained_model_name_or_path) else 1024))
+            resolution=args.resolution or RESOLUTION[preset_of(args.pretrained_model_name_or_path)])
         scorer = None if args.no_metrics else _scorer(args)
         out = Path(args.out)
         results = compare(base, methods, prompts, out, lrs, scorer, args.inference_steps)

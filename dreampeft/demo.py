@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from .toy import TOY_MODEL
-from .toy.bench import BENCH_STEPS, TOY_METHODS, results_table, run_bench
+from .adapters import METHODS, ConfigError
+from .presets import parse_methods
+from .toy.bench import BENCH_STEPS, results_table, run_bench
 from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
@@ -26,15 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m dreampeft.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     parser.add_argument("--steps", type=int, default=BENCH_STEPS, help="training steps per method")
-    parser.add_argument("--methods", default=",".join(TOY_METHODS), help="comma-separated methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder")
     args = parser.parse_args(argv)
     quiet_libraries()
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(TOY_METHODS))
-    if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {sorted(TOY_METHODS)}")
+    try:
+        methods = parse_methods(args.methods)
+    except ConfigError as exc:
+        parser.error(str(exc))
     t0, out = time.perf_counter(), Path(args.out)
     results = run_bench(args.model, out, methods, args.steps, seeds=2, subjects=[args.subject],
                         log=lambda msg: print(msg, flush=True))

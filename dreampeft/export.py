@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import AdapterLayer, LoRADashLayer, LoRALayer
+from .adapters import AdapterLayer, LoRALayer
 from .inject import adapter_layers
 from .state import atomic_write
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-EXACT = (LoRALayer, LoRADashLayer)
 
 
 @dataclass
@@ -43,12 +42,9 @@ class LayerExport:
 @torch.no_grad()
 def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | None = None) -> LayerExport:
     """LoRA factors of a layer's ΔW (at scale 1): exact where the method is low-rank, else SVD."""
-    if isinstance(layer, LoRADashLayer):
-        up, down = layer.low_rank_factors(1.0)
-        dw = up @ down
-        return LayerExport(up.float().clone(), down.float().clone(), 0.0, float(dw.norm()))
-    if isinstance(layer, LoRALayer):
-        up, down = layer.lora_B.float() * layer.scaling, layer.lora_A.float()
+    exact = layer.exact_factors()
+    if exact is not None:
+        up, down = exact
         return LayerExport(up.clone(), down.clone(), 0.0, float((up @ down).norm()))
     dw = layer.delta_weight().float()
     U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
@@ -102,7 +98,7 @@ def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
         norm2 = sum(e.norm ** 2 for e in exports.values())
         method = next(iter(layers.values())).config.method
         report["components"][comp] = {
-            "method": method, "exact": all(isinstance(l, EXACT) for l in layers.values()),
+            "method": method, "exact": all(l.exact_factors() is not None for l in layers.values()),
             "rank": base_rank, "ranks": sorted(set(ranks.values())),
             "overall_rel_error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
             "max_layer_rel_error": max(e.rel_error for e in exports.values()),
@@ -165,7 +161,7 @@ def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
 # -- PEFT ------------------------------------------------------------------------------------
 def _peft_lora(layers: dict) -> tuple[dict, dict]:
     first = next(iter(layers.values()))
-    if isinstance(first, LoRALayer):  # exact and still trainable in peft: the raw A, B and alpha
+    if isinstance(first, LoRALayer):  # plain LoRA is still trainable in peft: its raw A, B and alpha
         cfg = first.config
         config = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha or cfg.r,
                   "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout}
@@ -198,7 +194,7 @@ def _peft_fourierft(layers: dict) -> tuple[dict, dict]:
     return config, tensors
 
 
-PEFT_WRITERS = {"lora": _peft_lora, "lora_dash": _peft_lora, "fourierft": _peft_fourierft}
+PEFT_WRITERS = {"LORA": _peft_lora, "FOURIERFT": _peft_fourierft}  # by each method's peft_type
 
 
 def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None) -> list[Path]:
@@ -209,11 +205,12 @@ def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None
         layers = adapter_layers(model)
         if not layers:
             continue
-        method = next(iter(layers.values())).config.method
-        if method not in PEFT_WRITERS:
+        first = next(iter(layers.values()))
+        if first.peft_type not in PEFT_WRITERS:
+            method = first.config.method
             raise ValueError(f"PEFT has no {method} adapter; export {method} to the diffusers format "
                              f"(truncated SVD) or keep the native file")
-        config, tensors = PEFT_WRITERS[method](layers)
+        config, tensors = PEFT_WRITERS[first.peft_type](layers)
         config.update({"target_modules": sorted(layers), "task_type": None, "bias": "none",
                        "base_model_name_or_path": base_model, "inference_mode": True})
         folder = Path(out_dir) / comp

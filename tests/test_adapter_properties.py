@@ -1,4 +1,4 @@
-"""Properties every adapter method must satisfy (METHODS.md preamble), on every tiny model."""
+"""Properties every adapter method must satisfy (docs/METHODS.md preamble), on every tiny model."""
 
 from __future__ import annotations
 

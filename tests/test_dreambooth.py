@@ -210,7 +210,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),
     ("no_bitsandbytes", "--optimizer adamw8bit needs bitsandbytes"),
     ("bad_energy", r"--export_energy must be in \(0, 1\]"),
-    ("peft_mora", "PEFT has no MoRA adapter"),
+    ("peft_mora", "PEFT has no mora adapter"),
     ("bad_export", r"extra_exports = \['onnx'\] is not a valid"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):

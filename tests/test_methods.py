@@ -1,4 +1,4 @@
-"""Per-method checks against independent references written from METHODS.md."""
+"""Per-method checks against independent references written from docs/METHODS.md."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_fourierft_rejects_more_frequencies_than_entries():
 
 # ---------------------------------------------------------------- MoRA
 def naive_mora(x: torch.Tensor, M: torch.Tensor, d_out: int, t: int) -> torch.Tensor:
-    """METHODS.md §4 for one input vector, loop by loop."""
+    """docs/METHODS.md §4 for one input vector, loop by loop."""
     r, d_in = M.shape[0], x.numel()
     n_in = -(-d_in // r)
     xp = torch.cat([x, x[: n_in * r - d_in]])

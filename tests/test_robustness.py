@@ -428,7 +428,7 @@ def test_the_app_gives_every_job_its_own_folder_at_submission(tiny_sdxl, tmp_pat
     from types import SimpleNamespace
 
     from dreampeft.app import App
-    from dreampeft.dreambooth.config import SUGGESTED_LR
+    from dreampeft.presets import learning_rates
 
     from .test_app import SUBJECT
 
@@ -443,7 +443,7 @@ def test_the_app_gives_every_job_its_own_folder_at_submission(tiny_sdxl, tmp_pat
     values = [s.default for s in app.specs]
     for _ in range(2):  # a double-click on Train: same methods, same second
         app.train(str(tiny_sdxl), SUBJECT, "a sks toy", "toy", ["lora", "lora"], 2, 64, 0, 0,
-                  *SUGGESTED_LR.values(), *values)
+                  *learning_rates("sdxl").values(), *values)
     folders = [Path(c.output_dir) for c in app.queue.jobs]
     assert len(folders) == 4 == len(set(folders)) and all(f.is_dir() for f in folders)
     assert all(Path(c.events).parent == Path(c.output_dir) for c in app.queue.jobs)
@@ -509,3 +509,74 @@ def test_kill_9_during_the_final_save_leaves_one_whole_run(name, attr, n, expect
         assert json.loads(now["dreambooth_config.json"])["max_train_steps"] == 4
         assert "4 steps" in now["README.md"].decode()
     assert (now == old) == (expected == "old")
+
+
+# -- 8. methods come from the registry only ----------------------------------------------------------
+def test_a_newly_registered_method_is_offered_everywhere(tiny_sdxl, instance_dir, tmp_path):
+    from dataclasses import dataclass
+
+    from dreampeft.adapters import METHODS, LoRAConfig, LoRALayer, register_method
+    from dreampeft.app.forms import option_specs
+    from dreampeft.dreambooth import DreamBoothConfig, build_parser
+    from dreampeft.presets import method_preset, parse_methods
+
+    @dataclass
+    class EchoConfig(LoRAConfig):
+        method = "echo_lora"
+
+    @register_method
+    class EchoLayer(LoRALayer):
+        config_cls = EchoConfig
+        default_lr = 3e-4
+
+    try:
+        assert "echo_lora" in build_parser()._option_string_actions["--adapter"].choices
+        assert parse_methods("lora,echo_lora") == ["lora", "echo_lora"]
+        assert method_preset("toy", "echo_lora").lr == method_preset("sdxl", "echo_lora").lr == 3e-4
+        assert {s.method for s in option_specs()} >= {"echo_lora"}
+        cfg = DreamBoothConfig(pretrained_model_name_or_path=str(tiny_sdxl), instance_data_dir=str(instance_dir),
+                               instance_prompt="a sks toy", adapter="echo_lora", extra_exports=["peft"])
+        assert isinstance(cfg.adapter_config(), EchoConfig)  # and PEFT export is allowed: peft_type LORA
+    finally:
+        METHODS.pop("echo_lora")
+    with pytest.raises(dp.ConfigError, match="--methods: unknown \\['echo_lora'\\]; choose from lora, lora_dash"):
+        parse_methods("echo_lora")
+
+
+def test_fourierft_inference_cache_follows_a_fused_optimizer_step():
+    """Fused AdamW (transformers' default) updates parameters without bumping their version
+    counter; FourierFT's no-grad weight cache must still see the new spectrum."""
+    from dreampeft.adapters import reference_forward
+
+    layer = dp.get_method("fourierft")(torch.nn.Linear(16, 12), dp.FourierFTConfig(n_frequency=20, scaling=5.0))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    opt = torch.optim.AdamW([layer.spectrum], lr=0.1, fused=True)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_forward(layer, x))
+
+
+def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoint(tiny_sdxl, instance_dir, tmp_path,
+                                                                             capsys, monkeypatch):
+    import errno
+
+    from dreampeft.dreambooth import finish
+
+    def full(models, out, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "pytorch_lora_weights.safetensors"))
+
+    monkeypatch.setattr(finish, "export_diffusers", full)
+    out = tmp_path / "out"
+    code, err = _main(base_args(tiny_sdxl, instance_dir, out, "--checkpointing_steps", "2"), capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0]
+    assert str(out / "checkpoint-2") in lines[0] and "--resume_from_checkpoint latest" in lines[0]
+    assert read_events(out / "events.jsonl")[-1]["event"] == "error"
+    assert not (out / "dreampeft_adapter.safetensors").exists()  # nothing half-committed
+    monkeypatch.undo()
+    assert _main(base_args(tiny_sdxl, instance_dir, out, "--checkpointing_steps", "2",
+                           "--resume_from_checkpoint", "latest"), capsys)[0] == 0
+    assert (out / "dreampeft_adapter.safetensors").exists() and not (out / ".final.tmp").exists()

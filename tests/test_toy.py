@@ -151,10 +151,10 @@ def test_sweep_cli_marks_the_best_rate_per_method(tmp_path, capsys):
     import json
 
     from dreampeft.toy.__main__ import main
-    from dreampeft.toy.bench import TOY_METHODS
+    from dreampeft.presets import method_preset
 
     assert main(["sweep", "--methods", "lora", "--factors", "0.5,2", "--steps", "2", "--out", str(tmp_path)]) == 0
-    sweep, lr = json.loads((tmp_path / "sweep.json").read_text()), TOY_METHODS["lora"]["lr"]
+    sweep, lr = json.loads((tmp_path / "sweep.json").read_text()), method_preset("toy", "lora").lr
     assert [r["lr"] for r in sweep["runs"]] == [lr / 2, lr * 2] and sweep["best"]["lora"] in (lr / 2, lr * 2)
     assert "(best)" in capsys.readouterr().out
     with pytest.raises(SystemExit):

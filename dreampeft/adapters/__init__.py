@@ -2,10 +2,11 @@
 
 from .base import METHODS, AdapterLayer, config_from_dict, get_method, reference_forward, register_method
 from .config import CLIP_ATTENTION, UNET_ATTENTION, AdapterConfig, ConfigError
-from .fourierft import FourierFTConfig, FourierFTLayer
-from .lora import LoRAConfig, LoRALayer
-from .lora_dash import LoRADashConfig, LoRADashLayer, dash_step, is_dash_active, launch_dash
-from .mora import MoRAConfig, MoRALayer
+# Registration order is the order the CLI, the app and the comparisons list methods: the baseline first.
+from .lora import LoRAConfig, LoRALayer  # isort: skip
+from .lora_dash import LoRADashConfig, LoRADashLayer, dash_step, is_dash_active, launch_dash  # isort: skip
+from .fourierft import FourierFTConfig, FourierFTLayer  # isort: skip
+from .mora import MoRAConfig, MoRALayer  # isort: skip
 
 __all__ = [
     "METHODS", "AdapterLayer", "AdapterConfig", "ConfigError", "config_from_dict", "get_method",

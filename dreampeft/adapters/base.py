@@ -51,6 +51,8 @@ class AdapterLayer(nn.Module):
     """
 
     config_cls: ClassVar[type[AdapterConfig]]
+    default_lr: ClassVar[float] = 1e-4  # suggested learning rate when no preset names one
+    peft_type: ClassVar[str | None] = None  # PEFT's name for the method, if PEFT has it
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig):
         super().__init__()
@@ -136,6 +138,11 @@ class AdapterLayer(nn.Module):
         if self.merged and scale != self.merged_scale:
             raise RuntimeError("unmerge the adapter before changing its scale")
         self.scale = float(scale)
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up, down) with ΔW = up @ down exactly (at scale 1), for methods that are a LoRA;
+        None for high-rank updates, which exports approximate with a truncated SVD."""
+        return None
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor and persistent buffer of the adapter (not the base layer)."""

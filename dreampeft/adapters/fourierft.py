@@ -1,4 +1,4 @@
-"""FourierFT (Gao et al., ICML 2024); METHODS.md §3.
+"""FourierFT (Gao et al., ICML 2024); docs/METHODS.md §3.
 
 ΔW = scaling · Re(ifft2(F)) where F is zero except ``F[rows_l, cols_l] = spectrum_l`` at n fixed
 random entries (PEFT's convention: ``randperm(d_out·d_in, seed)[:n]``, row-major).
@@ -89,6 +89,8 @@ class _SpectrumToDelta(torch.autograd.Function):
 @register_method
 class FourierFTLayer(AdapterLayer):
     config_cls = FourierFTConfig
+    default_lr = 1e-2  # the paper's range is 1e-2..3e-1: a spectrum coefficient moves all of ΔW
+    peft_type = "FOURIERFT"
 
     def __init__(self, base_layer: nn.Linear, config: FourierFTConfig):
         super().__init__(base_layer, config)
@@ -104,7 +106,7 @@ class FourierFTLayer(AdapterLayer):
         # own copy: loading writes into it in place, and layers must not alias each other
         self.register_buffer("indices", frequency_entries(d_out, d_in, n, config.seed).to(device, copy=True))
         self._maps = None
-        self._cache: tuple | None = None  # (key, fused weight) for no-grad forwards
+        self._cache: tuple | None = None  # (key, spectrum, fused weight) for no-grad forwards
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -127,14 +129,17 @@ class FourierFTLayer(AdapterLayer):
         return w + (self.scale * self.delta_weight()).to(w.dtype)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ΔW is dense: one matmul with W0 + ΔW instead of two (METHODS.md §3, Cost).
+        # ΔW is dense: one matmul with W0 + ΔW instead of two (docs/METHODS.md §3, Cost).
         if torch.is_grad_enabled() and self.spectrum.requires_grad:
             w = self.fused_weight()
         else:
-            key = (self.spectrum._version, self.base_layer.weight._version, self.scale,
+            # Keyed on the spectrum's values, not its version counter: fused optimizers (AdamW
+            # fused=True, transformers' default) update parameters without bumping _version, and a
+            # stale cache then served the pre-training weight. n values compare in microseconds.
+            key = (self.base_layer.weight._version, self.base_layer.weight.data_ptr(), self.scale,
                    self.spectrum.device, self.base_layer.weight.dtype)
-            if self._cache is None or self._cache[0] != key:
+            if self._cache is None or self._cache[0] != key or not torch.equal(self._cache[1], self.spectrum):
                 with torch.no_grad():
-                    self._cache = (key, self.fused_weight())
-            w = self._cache[1]
+                    self._cache = (key, self.spectrum.detach().clone(), self.fused_weight())
+            w = self._cache[2]
         return F.linear(x.to(w.dtype), w, self.base_layer.bias)

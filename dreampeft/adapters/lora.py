@@ -1,4 +1,4 @@
-"""LoRA (Hu et al. 2021) with HuggingFace PEFT's semantics; METHODS.md §1.
+"""LoRA (Hu et al. 2021) with HuggingFace PEFT's semantics; docs/METHODS.md §1.
 
 ΔW = s · B A with s = alpha / r (alpha / sqrt(r) with rslora). A is kaiming-uniform(a=√5),
 B is zero, so the adapted model equals the base model at step 0.
@@ -60,6 +60,10 @@ class LoRAMixin:
 @register_method
 class LoRALayer(LoRAMixin, AdapterLayer):
     config_cls = LoRAConfig
+    peft_type = "LORA"
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_B.float() * self.scaling, self.lora_A.float()
 
     def __init__(self, base_layer: nn.Linear, config: LoRAConfig):
         super().__init__(base_layer, config)

@@ -1,9 +1,9 @@
-"""LoRA-Dash (Si et al., ICLR 2025); METHODS.md §2.
+"""LoRA-Dash (Si et al., ICLR 2025); docs/METHODS.md §2.
 
 Plain LoRA until the launch (after ``warmup_steps`` optimizer steps). The launch picks, per
 layer, the ``n_directions`` singular directions u_i v_iᵀ of the frozen W0 whose coordinate in the
 LoRA update changes most relative to σ_i, and from then on a learnable scalar δ_i per direction
-adds U_s diag(δ) V_sᵀ. Deliberate differences from the official code (all in METHODS.md):
+adds U_s diag(δ) V_sᵀ. Deliberate differences from the official code (all in docs/METHODS.md):
 optimizer steps are counted (not forward calls); directions fill preallocated buffers in place
 (the official code swaps Parameter objects, which breaks DDP/FSDP and the optimizer);
 ``dash_active`` and the directions are saved, so a reloaded adapter resumes in its phase; the
@@ -48,6 +48,11 @@ class LoRADashConfig(LoRAConfig):
 @register_method
 class LoRADashLayer(LoRAMixin, AdapterLayer):
     config_cls = LoRADashConfig
+    peft_type = "LORA"  # exported as its exact rank r+s LoRA
+
+    def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        up, down = self.low_rank_factors(1.0)
+        return up.float(), down.float()
 
     def __init__(self, base_layer: nn.Linear, config: LoRADashConfig):
         super().__init__(base_layer, config)
@@ -95,7 +100,7 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
 
     @torch.no_grad()
     def launch(self) -> bool:
-        """Select the directions now (METHODS.md §2, Launch). Returns False if already launched."""
+        """Select the directions now (docs/METHODS.md §2, Launch). Returns False if already launched."""
         if bool(self.dash_active):
             return False
         w0 = self.base_layer.weight.float()

@@ -1,4 +1,4 @@
-"""MoRA (Jiang et al. 2024), following the official code; METHODS.md §4.
+"""MoRA (Jiang et al. 2024), following the official code; docs/METHODS.md §4.
 
 One square trainable matrix M (r̂ × r̂), r̂ = int(sqrt((d_in + d_out)·r) + 0.5) (even for type 6),
 between parameter-free compress and decompress operators, so a budget of a rank-r LoRA buys an

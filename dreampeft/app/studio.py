@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .. import presets
 from ..dreambooth import DreamBoothConfig
 from ..dreambooth.data import scan_folder
 from ..eval import EvalError, FidelityScorer
@@ -21,7 +22,7 @@ from ..toy.evaluate import find_judge, judge_similarity
 
 TOY = "dreampeft toy SDXL (offline; draws shapes, trained in this project)"
 TINY = "dreampeft tiny SDXL (offline; random weights, draws noise)"
-PRESETS = {TOY: 64, TINY: 64, "stabilityai/stable-diffusion-xl-base-1.0": 1024}
+PRESETS = {TOY: presets.TOY, TINY: presets.TOY, "stabilityai/stable-diffusion-xl-base-1.0": presets.SDXL}
 
 
 class ModelError(ValueError):

@@ -12,16 +12,13 @@ import time
 import zipfile
 from pathlib import Path
 
-from ..adapters import ConfigError
+from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
-from ..dreambooth.config import SUGGESTED_LR
 from ..eval import EvalError
 from .forms import IMAGE_SUFFIXES, UploadError, check_uploads, option_specs, options_from_values, stage_uploads
 from .jobs import JobQueue
-from ..toy.bench import TOY_METHODS
+from ..presets import RESOLUTION, SDXL, learning_rates, method_preset
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
-
-TOY_LR = {m: spec["lr"] for m, spec in TOY_METHODS.items()}  # the 64 px presets learn in ~100 steps
 
 JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA"]
 SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
@@ -32,14 +29,12 @@ DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors
 def preset_defaults(model: str) -> tuple | None:
     """(train resolution, generation resolution, learning rate per method, then every method option in
     ``option_specs`` order) for a preset model; None for a custom id or folder (the fields keep what
-    the user set). An empty name gives SDXL's; the 64 px toy presets take ``TOY_METHODS``' rates and
-    options (FourierFT's zeros start among them)."""
+    the user set). An empty name gives SDXL's; the 64 px presets take the toy's measured rates and
+    options (FourierFT's zeros start among them), all from ``dreampeft.presets``."""
     if model in PRESETS or not model:
-        toy = PRESETS.get(model) == 64
-        lrs = TOY_LR if toy else SUGGESTED_LR
-        options = [TOY_METHODS[s.method]["options"].get(s.name, s.default) if toy else s.default
-                   for s in option_specs(list(SUGGESTED_LR))]
-        return (PRESETS.get(model, 1024),) * 2 + tuple(lrs[m] for m in SUGGESTED_LR) + tuple(options)
+        preset = PRESETS.get(model, SDXL)
+        options = [method_preset(preset, s.method).options.get(s.name, s.default) for s in option_specs(list(METHODS))]
+        return (RESOLUTION[preset],) * 2 + tuple(learning_rates(preset).values()) + tuple(options)
     return None
 
 
@@ -53,7 +48,7 @@ class App:
         self.model = model
         self.queue = queue or JobQueue()
         self.studio = Studio(self.work_dir, dino_model or DEFAULT_DINO, clip_model or DEFAULT_CLIP)
-        self.specs = option_specs(list(SUGGESTED_LR))  # the order the widgets are laid out in
+        self.specs = option_specs(list(METHODS))  # the order the widgets are laid out in
         self._defaults = preset_defaults(model) or preset_defaults("")
 
     # -- training ---------------------------------------------------------------------------
@@ -61,7 +56,7 @@ class App:
               methods: list[str], steps: int, resolution: int, seed: int, validate_every: int,
               *option_values) -> str:
         """Validate everything, then queue one run per method; returns a message for the UI."""
-        lrs, values = option_values[:len(SUGGESTED_LR)], option_values[len(SUGGESTED_LR):]
+        lrs, values = option_values[:len(METHODS)], option_values[len(METHODS):]
         try:
             if not methods:
                 raise ConfigError("choose at least one method to train")
@@ -69,7 +64,7 @@ class App:
             data = stage_uploads(check_uploads(files), self.work_dir / "uploads")
             prompt = instance_prompt.strip() or f"a photo of sks {class_word.strip() or 'object'}"
             configs = [self._config(path, data, prompt, m, int(steps), int(resolution), int(seed),
-                                    int(validate_every), float(lrs[list(SUGGESTED_LR).index(m)]),
+                                    int(validate_every), float(lrs[list(METHODS).index(m)]),
                                     options_from_values(self.specs, values, m)) for m in methods]
         except (ConfigError, UploadError, ModelError, DreamBoothError, ValueError) as exc:
             return f"**Cannot start:** {exc}"
@@ -196,7 +191,7 @@ class App:
             with gr.Column():
                 prompt = gr.Textbox(label="Instance prompt", placeholder="a photo of sks dog", elem_id="prompt")
                 class_word = gr.Textbox(label="Class (used when the prompt is blank)", value="object")
-                methods = gr.CheckboxGroup(list(SUGGESTED_LR), value=["lora"], label="Methods", elem_id="methods")
+                methods = gr.CheckboxGroup(list(METHODS), value=["lora"], label="Methods", elem_id="methods")
         with gr.Row():
             steps = gr.Number(150, label="Steps", precision=0, minimum=1, elem_id="steps")
             resolution = gr.Number(self._defaults[0], label="Resolution", precision=0, minimum=8)
@@ -205,11 +200,11 @@ class App:
                               elem_id="validate_every")
         lrs, values = [], []
         with gr.Accordion("Method options", open=False):
-            for method in SUGGESTED_LR:
+            for method in METHODS:
                 with gr.Row():
                     gr.Markdown(f"**{method}**")
                     lrs.append(gr.Number(self._defaults[2 + len(lrs)], label="learning rate"))
-                    values += [self._control(gr, s, self._defaults[2 + len(SUGGESTED_LR) + i])
+                    values += [self._control(gr, s, self._defaults[2 + len(METHODS) + i])
                                for i, s in enumerate(self.specs) if s.method == method]
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id="train")

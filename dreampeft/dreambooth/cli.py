@@ -29,6 +29,8 @@ def argument_kwargs(hint: Any, f: dataclasses.Field) -> dict[str, Any]:
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         hint = args[0]
     help_text = f.metadata.get("help", "")
+    if "choices" in f.metadata:  # choices known at run time (the method registry)
+        return {"type": hint, "choices": f.metadata["choices"](), "help": help_text}
     if hint is bool:
         return {"action": argparse.BooleanOptionalAction, "help": help_text}
     if typing.get_origin(hint) is typing.Literal:

@@ -16,8 +16,6 @@ from typing import Any, Literal
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
 from ..adapters.config import check_fields, option, require
 
-# Learning rates that suit each method when none is given (FourierFT needs far larger ones).
-SUGGESTED_LR = {"lora": 1e-4, "lora_dash": 1e-4, "fourierft": 1e-2, "mora": 1e-4}
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -33,7 +31,7 @@ class DreamBoothConfig:
     overwrite_output_dir: bool = option(False, "replace the finished run or checkpoints already in "
                                         "--output_dir (their files are removed first)")
     # -- adapter
-    adapter: Literal["lora", "lora_dash", "fourierft", "mora"] = option("lora", "adapter method")
+    adapter: str = option("lora", "adapter method", choices=lambda: list(METHODS))  # the registry's
     adapter_options: dict = option({}, "method options (set by their own flags, e.g. --rank)")
     unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt")
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
@@ -114,8 +112,9 @@ class DreamBoothConfig:
             require(0 < self.export_energy <= 1, f"--export_energy must be in (0, 1] (got {self.export_energy})")
             self.export_rank = None  # the energy threshold replaces the fixed rank
         require(self.export_rank is None or self.export_rank >= 1, "--export_rank must be >= 1")
-        require(not (self.adapter == "mora" and "peft" in self.extra_exports),
-                "--extra_exports peft: PEFT has no MoRA adapter; use kohya, merged or the default diffusers file")
+        require(get_method(self.adapter).peft_type is not None or "peft" not in self.extra_exports,
+                f"--extra_exports peft: PEFT has no {self.adapter} adapter; use kohya, merged or the "
+                "default diffusers file")
         self.adapter_config("unet")  # validates the method options now, not mid-run
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:

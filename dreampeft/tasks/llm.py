@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import inject
-from ..adapters import ConfigError, get_method
+from ..adapters import METHODS, ConfigError, get_method
 from ..dreambooth.cli import add_adapter_arguments, adapter_options_from
 from ..export import PEFT_WRITERS, export_peft
 from ..state import save_adapter
@@ -106,7 +106,7 @@ def train_llm(cfg: LLMConfig) -> dict:
     trainer.train()
     out = Path(cfg.output_dir)
     save_adapter(model, out, extra_metadata={"base_model": cfg.model})
-    if cfg.adapter in PEFT_WRITERS:
+    if get_method(cfg.adapter).peft_type in PEFT_WRITERS:
         export_peft({"model": model}, out / "peft", base_model=cfg.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"losses": losses, "trainable": inject.trainable_parameter_count(model), "output_dir": str(out),
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dreampeft.tasks.llm", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="hub id or folder of a causal LM")
     p.add_argument("--data", required=True, help="JSONL with prompt/response")
-    p.add_argument("--adapter", default="lora", choices=["lora", "lora_dash", "fourierft", "mora"])
+    p.add_argument("--adapter", default="lora", choices=list(METHODS))
     p.add_argument("--target_modules", default=",".join(LLAMA_TARGETS))
     p.add_argument("--learning_rate", type=float, default=1e-4)
     p.add_argument("--max_steps", type=int, default=100)

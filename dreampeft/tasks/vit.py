@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .. import inject
-from ..adapters import ConfigError, get_method
+from ..adapters import METHODS, ConfigError, get_method
 from ..dreambooth.cli import add_adapter_arguments, adapter_options_from
-from ..dreambooth.data import IMAGE_EXTENSIONS, DreamBoothError, generator, load_image
+from ..dreambooth.data import IMAGE_EXTENSIONS, DreamBoothError, load_image
 from ..state import save_adapter
 
 # ViT's query/value projections: "query"/"value" before transformers 5, "attention.q_proj"/
@@ -47,16 +46,22 @@ def load_image_folder(root: str | Path, flag: str) -> tuple[list, list[int], lis
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(model, pixels: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
     model.eval()
-    preds = torch.cat([model(pixel_values=pixels[i:i + batch]).logits.argmax(-1)
+    device = next(model.parameters()).device
+    preds = torch.cat([model(pixel_values=pixels[i:i + batch].to(device)).logits.argmax(-1).cpu()
                        for i in range(0, len(pixels), batch)])
     return float((preds == labels).float().mean())
 
 
 def train_vit(model_id: str, train_dir: str, val_dir: str | None, adapter: str, options: dict,
               out: str | Path, lr: float = 1e-3, max_steps: int = 100, batch_size: int = 16, seed: int = 0) -> dict:
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    """Adapters on query/value and a new head, trained by transformers' ``Trainer`` (so on the GPU
+    when there is one, and LoRA-Dash launches through ``DashCallback`` at its optimizer step)."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+
+    from ..hf import DashCallback
 
     images, labels, classes = load_image_folder(train_dir, "--train")
     val = load_image_folder(val_dir, "--val") if val_dir else (images, labels, classes)
@@ -70,28 +75,25 @@ def train_vit(model_id: str, train_dir: str, val_dir: str | None, adapter: str, 
     processor = AutoImageProcessor.from_pretrained(model_id)
     px = processor(images=images, return_tensors="pt").pixel_values
     vpx = processor(images=val[0], return_tensors="pt").pixel_values
-    y, vy = torch.tensor(labels), torch.tensor(val[1])
     inject.inject_adapters(model, cfg)
     model.classifier.requires_grad_(True)  # the new head trains in full
-    before = accuracy(model, vpx, vy)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    losses = []
-    for step in range(max_steps):
-        model.train()
-        idx = torch.randint(0, len(px), (batch_size,), generator=generator(seed, step))
-        loss = F.cross_entropy(model(pixel_values=px[idx]).logits, y[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    after = accuracy(model, vpx, vy)
+    before = accuracy(model, vpx, torch.tensor(val[1]))
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=lr,
+        weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+        seed=seed, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=True)
+    data = [{"pixel_values": x, "labels": int(t)} for x, t in zip(px, labels)]
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[DashCallback()])
+    trainer.train()  # train mode is the Trainer's to set; accuracy() sets eval
+    after = accuracy(model, vpx, torch.tensor(val[1]))
     out = Path(out)
     save_adapter(model, out, extra_metadata={"base_model": model_id})
-    save_file({k: v.detach().contiguous() for k, v in model.classifier.state_dict().items()}, out / "head.safetensors")
+    head = {k: v.detach().cpu().contiguous() for k, v in model.classifier.state_dict().items()}
+    save_file(head, out / "head.safetensors")
     (out / "labels.json").write_text(json.dumps(classes) + "\n")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"accuracy_before": before, "accuracy": after, "losses": losses, "model": model,
-            "trainable": sum(p.numel() for p in params)}
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="hub id or folder of a ViT")
     p.add_argument("--train", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--val", help="same layout; default: accuracy on --train")
-    p.add_argument("--adapter", default="lora", choices=["lora", "lora_dash", "fourierft", "mora"])
+    p.add_argument("--adapter", default="lora", choices=list(METHODS))
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--max_steps", type=int, default=100)
     p.add_argument("--batch_size", type=int, default=16)

@@ -13,7 +13,9 @@ import sys
 from dataclasses import fields
 
 from . import TOY_MODEL
-from .bench import BENCH_STEPS, TOY_METHODS
+from ..adapters import METHODS, ConfigError
+from ..presets import parse_methods
+from .bench import BENCH_STEPS
 from ..toyworld import SUBJECTS
 from .pretrain import PretrainConfig, pretrain
 
@@ -31,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     sam.add_argument("--seed", type=int, default=0)
     ben = sub.add_parser("bench", help="DreamBooth on unseen subjects, every method, judged offline")
     ben.add_argument("--model", default=str(TOY_MODEL))
-    ben.add_argument("--methods", default=",".join(TOY_METHODS))
+    ben.add_argument("--methods", default=",".join(METHODS))
     ben.add_argument("--steps", type=int, default=BENCH_STEPS)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     ben.add_argument("--out", default="toy_bench")
-    swp = sub.add_parser("sweep", help="learning rates per method (TOY_METHODS' rate × factors) on one subject")
+    swp = sub.add_parser("sweep", help="learning rates per method (the toy preset's rate × factors) on one subject")
     swp.add_argument("--model", default=str(TOY_MODEL))
-    swp.add_argument("--methods", default=",".join(TOY_METHODS))
+    swp.add_argument("--methods", default=",".join(METHODS))
     swp.add_argument("--factors", default="0.25,0.5,1,2,4")
     swp.add_argument("--steps", type=int, default=BENCH_STEPS)
     swp.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
@@ -63,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         sample_grid(pipe, args.seed).save(args.out)
         print(f"rows: circle, square, triangle, diamond; columns: red … orange → {args.out}")
     else:
-        methods = [m for m in args.methods.split(",") if m]
-        unknown = sorted(set(methods) - set(TOY_METHODS))
-        if unknown:
-            p.error(f"--methods: unknown {unknown}; choose from {sorted(TOY_METHODS)}")
+        try:
+            methods = parse_methods(args.methods)
+        except ConfigError as exc:
+            p.error(str(exc))
         if args.command == "sweep":
             _sweep(p, args, methods)
         else:

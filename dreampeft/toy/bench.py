@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..dreambooth import DreamBoothConfig, train
-from ..dreambooth.events import read_events
+from ..presets import RESOLUTION, TOY, method_preset
 from ..toyworld import SUBJECTS, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
@@ -39,22 +39,6 @@ RECONTEXT = {  # prompt → the attributes it asks for
     "a small sks object in the top left corner": {"size": "small", "position": "top left"},
     "a large sks object in the bottom right corner": {"size": "large", "position": "bottom right"},
 }
-# Per-method options and learning rates for the toy: `python -m dreampeft.toy sweep` on the star at
-# BENCH_STEPS (2 seeds; subject / prompt fidelity): lora 1e-3 0.24/0.50, 2e-3 0.43/0.43; mora 2e-3
-# 0.27/0.36, 4e-3 0.34/0.43; fourierft 2.5e-5 0.09/0.64, 1e-4 0.05/0.64, 2.5e-4 0.14/0.50, 5e-4
-# 0.07/0.29, 2.5e-3 0.12/0.14. FourierFT's 2.5e-4 is not the subject + prompt maximum (2.5e-5, which
-# leaves the base nearly as it was); it is the rate at which it learns anything of the star.
-TOY_METHODS = {
-    "lora": {"options": {"r": 4}, "lr": 2e-3},
-    "lora_dash": {"options": {"r": 4, "warmup_steps": 100, "n_directions": 4}, "lr": 2e-3},
-    # Zeros, not the paper's gaussian start: on the toy's 64×64 layers n = 1000 coefficients at scaling 150
-    # start ΔW at ~11× the weight itself (‖ΔW‖ ≈ scaling·√(n/2)/√(d_out·d_in)), so training began from a
-    # wrecked model (prompt fidelity 0.2 whatever the rate).
-    "fourierft": {"options": {"n_frequency": 1000, "scaling": 150.0, "init": "zeros"}, "lr": 2.5e-4},
-    "mora": {"options": {"r": 4, "mora_type": 6}, "lr": 4e-3},
-}
-
-
 def write_subject(subject: str, folder: Path, n: int = 5) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(subject_scenes(subject, n)):
@@ -64,19 +48,17 @@ def write_subject(subject: str, folder: Path, n: int = 5) -> Path:
 
 def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: int, seed: int = 0,
                   lr: float | None = None) -> dict:
-    spec = TOY_METHODS[method]
+    spec = method_preset(TOY, method)
     cfg = DreamBoothConfig(
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
-        instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec["options"],
-        learning_rate=lr or spec["lr"], resolution=64, max_train_steps=steps, train_batch_size=2, seed=seed,
-        events=str(out / "events.jsonl"), export_rank=8, train_text_encoder=True)
-    (out / "events.jsonl").unlink(missing_ok=True)
+        instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec.options,
+        learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps, train_batch_size=2,
+        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True)
     t0 = time.perf_counter()
-    train(cfg)
-    events = read_events(out / "events.jsonl")
-    steps_t = [e["time"] for e in events if e["event"] == "step"]
-    return {"trainable": events[0]["trainable"], "train_s": time.perf_counter() - t0,
-            "step_ms": 1000 * (steps_t[-1] - steps_t[0]) / max(1, len(steps_t) - 1)}
+    result = train(cfg)
+    later = result.step_seconds[1:] or result.step_seconds  # the first step pays for warm-up
+    return {"trainable": result.trainable, "train_s": time.perf_counter() - t0,
+            "step_ms": 1000 * sum(later) / len(later)}
 
 
 def score(judge, images: list, prompts: list[str], subject: str) -> dict:
@@ -146,15 +128,15 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
 
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
              steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "star", log=print) -> dict:
-    """Each method at its ``TOY_METHODS`` rate times each factor, on one subject: subject and
+    """Each method at its toy preset's rate times each factor, on one subject: subject and
     prompt fidelity per rate, written to ``sweep.json``/``sweep.md``. The rate with the best
-    subject + prompt fidelity is marked; it is what ``TOY_METHODS`` should hold."""
+    subject + prompt fidelity is marked; it is what the toy preset in ``dreampeft.presets`` should hold."""
     out = Path(out)
     pipe, judge = _load(model_dir)
     folder, rows = write_subject(subject, out / "subjects" / subject), {}
     for method in methods:
         for f in factors:
-            lr = TOY_METHODS[method]["lr"] * f
+            lr = method_preset(TOY, method).lr * f
             r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / f"{method}-{lr:g}",
                           steps, seeds, lr)
             rows[(method, lr)] = r
