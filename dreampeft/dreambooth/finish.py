@@ -68,7 +68,7 @@ def final_save(run, images: list[str]) -> dict:
     return report
 
 
-def result(run, images: list[str], report: dict, step_seconds: list[float], checksums: list) -> TrainResult:
+def make_result(run, images: list[str], report: dict, step_seconds: list[float], checksums: list) -> TrainResult:
     out = Path(run.cfg.output_dir)
     return TrainResult(
         output_dir=out, adapter=out / WEIGHTS_NAME, diffusers=out / DIFFUSERS_WEIGHTS, method=run.cfg.adapter,

@@ -29,9 +29,8 @@ from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, s
 from .config import DreamBoothConfig
 from .data import BatchPlan, DreamBoothError, Example, augment, generator, scan_folder
 from .events import EventLog
+from .finish import TrainResult, final_save, make_result, rank_checksums
 from .optim import OPTIMIZERS
-from .finish import TrainResult, final_save, rank_checksums
-from .finish import result as finish_result
 from .models import SDXLParts, build_pipeline, encode_prompts, load_parts, tokenize
 from .prior import generate_class_images
 
@@ -316,9 +315,9 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg)
     events = _open_events(cfg, acc)
-    lock, run = None, None
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_stopped)
+    lock, run, previous = None, None, None
+    if threading.current_thread() is threading.main_thread():  # restored when the run ends
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         if acc.is_main_process:
             lock = rundir.claim(out, cfg.overwrite_output_dir, bool(cfg.resume_from_checkpoint))
@@ -334,7 +333,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             images = run.images if run.validated_at == run.total_steps else (
                 validate(run, run.total_steps, events) if cfg.validation_prompt else [])
             report = final_save(run, images)
-            result = finish_result(run, images, report, step_seconds, checksums)
+            result = make_result(run, images, report, step_seconds, checksums)
             events.emit("done", output_dir=str(out), adapter=str(result.adapter), images=images,
                         diffusers=str(result.diffusers), export_rel_error=result.export_rel_error,
                         rank_checksums=checksums, peak_memory_mb=round(result.peak_memory_mb, 1))
@@ -356,6 +355,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         events.close()
         if lock is not None:
             lock.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _loop(run: Run, start: int, events: EventLog) -> list[float]:
