@@ -137,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         if not prompts:
             raise ConfigError("give --prompts or --subject (for the DreamBooth prompts)")
         methods = parse_methods(args.methods)
-        lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
+        try:
+            lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}
+        except ValueError:
+            raise ConfigError(f"--learning_rates {args.learning_rates!r}: write method=rate pairs, e.g. "
+                              "lora=1e-4,fourierft=1e-2") from None
+        parse_methods(",".join(lrs) or ",".join(METHODS), "--learning_rates")
         base = DreamBoothConfig(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,

@@ -330,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from .state import AdapterFileError, read_manifest
+    from .utils import model_load_error
 
     parser = argparse.ArgumentParser(prog="python -m dreampeft.export",
                                      description="Convert a dreampeft run or native adapter file.")
@@ -354,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             _check_out(args.out)
         try:
             pipe, models = _load_components(base, args.src)
-        except OSError as exc:  # from_pretrained: no such folder, or the hub is unreachable
-            raise ValueError(f"cannot load base model {base!r}: {str(exc).splitlines()[0]}") from None
+        except AdapterFileError:
+            raise
+        except (OSError, ValueError) as exc:  # from_pretrained: no such folder, the hub unreachable
+            raise ValueError(model_load_error("--base", base, exc)) from None
         try:
             _write(args, pipe, models, base)
         except OSError as exc:  # a full disk, a folder that turned read-only

@@ -23,3 +23,13 @@ def image_grid(rows, cell: int = 96):
         for c, img in enumerate(row):
             out.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, r * cell))
     return out
+
+
+def model_load_error(flag: str, model: str, exc: BaseException) -> str:
+    """One line for a model that ``from_pretrained`` could not load: local folder or hub id."""
+    from pathlib import Path
+
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    where = ("the folder is not a complete model" if Path(model).exists()
+             else "it is not a local folder, and the hub could not be reached or has no such model")
+    return f"{flag} {model}: cannot load it ({where}: {first})"

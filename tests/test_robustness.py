@@ -580,3 +580,77 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoint(tiny
     assert _main(base_args(tiny_sdxl, instance_dir, out, "--checkpointing_steps", "2",
                            "--resume_from_checkpoint", "latest"), capsys)[0] == 0
     assert (out / "dreampeft_adapter.safetensors").exists() and not (out / ".final.tmp").exists()
+
+
+# -- the hostile sweep: options out of range and unreadable inputs, per entry point -----------------
+@pytest.mark.parametrize("flags,match", [
+    (["--validation_steps", "-1"], "--validation_steps must be >= 0"),
+    (["--checkpointing_steps", "-5"], "--checkpointing_steps must be >= 0"),
+    (["--text_encoder_lr", "-1"], "--text_encoder_lr must be > 0"),
+    (["--inference_steps", "0"], "--inference_steps must be >= 1"),  # was a ZeroDivisionError
+    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),  # was silently no learning
+    (["--max_grad_norm", "-1"], "--max_grad_norm must be >= 0"),
+    (["--resolution", "100000"], "--resolution 100000 is above 4096"),  # was the kernel's OOM killer
+    (["--with_prior_preservation", "--class_prompt", "a toy", "--class_data_dir", "CLS", "--num_class_images", "0"],
+     "--num_class_images must be >= 1"),
+    (["BINARY_CAPTION"], r"img0.txt: cannot read this caption \(UnicodeDecodeError\)"),
+    (["--output_dir", "FILE"], "--output_dir .*FILE is a file; give a folder"),
+])
+def test_trainer_options_out_of_range_are_one_line(flags, match, tiny_sdxl, instance_dir, tmp_path, capsys):
+    import re
+
+    (tmp_path / "FILE").write_text("x")
+    if flags == ["BINARY_CAPTION"]:
+        (instance_dir / "img0.txt").write_bytes(b"\xff\xfe\x00bad")
+        flags = []
+    flags = [str(tmp_path / f) if f in ("FILE", "CLS") else f for f in flags]
+    code, err = _main(base_args(tiny_sdxl, instance_dir, tmp_path / "out", *flags), capsys)
+    assert code == 2 and re.search(match, err), err
+
+
+@pytest.mark.parametrize("entry,argv,match", [
+    ("export", ["RUN", "--to", "diffusers", "--base", "NOPE", "--out", "X"], "--base .*nope: cannot load it"),
+    ("eval", ["--real", "DATA", "--generated", "DATA", "--prompts", "TMP"], "--prompts .*: cannot read it"),
+    ("llm", ["--model", "NOPE", "--data", "DATA"], "--model .*nope: cannot load it"),
+    ("compare", ["--instance_data_dir", "DATA", "--instance_prompt", "p", "--prompts", "x",
+                 "--learning_rates", "lora=abc"], "--learning_rates 'lora=abc': write method=rate pairs"),
+])
+def test_other_entry_points_give_one_line(entry, argv, match, tiny_sdxl, instance_dir, tmp_path, capsys):
+    import importlib
+    import re
+
+    main = importlib.import_module({"export": "dreampeft.export", "eval": "dreampeft.eval.__main__",
+                                    "llm": "dreampeft.tasks.llm", "compare": "dreampeft.compare"}[entry]).main
+    subs = {"RUN": str(_saved(tiny_sdxl, tmp_path, "lora")), "NOPE": str(tmp_path / "nope"), "X": str(tmp_path / "x"),
+            "DATA": str(instance_dir), "TMP": str(tmp_path)}
+    try:
+        code = main([subs.get(a, a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(match, err) and "Traceback" not in err, err
+
+
+def test_the_apps_handlers_refuse_what_an_api_call_can_send(tiny_sdxl, tmp_path):
+    from types import SimpleNamespace
+
+    from dreampeft.app import App
+    from dreampeft.presets import learning_rates
+
+    from .test_app import SUBJECT
+
+    queue = SimpleNamespace(jobs=[], submit=lambda cfg: pytest.fail("nothing may be queued"))
+    app = App(tmp_path / "work", model=str(tiny_sdxl), queue=queue)
+    values, lrs = [s.default for s in app.specs], list(learning_rates("sdxl").values())
+    train = {"blank rate": ((["lora"], 2, 64), [None, *lrs[1:]], "fill in the learning rate of lora"),
+             "unknown method": ((["dora"], 2, 64), lrs, "Methods: unknown \\['dora'\\]"),
+             "huge resolution": ((["lora"], 2, 100000), lrs, "--resolution 100000 is above 4096")}
+    for (methods, steps, res), rates, match in train.values():
+        message = app.train(str(tiny_sdxl), SUBJECT, "a sks toy", "toy", methods, steps, res, 0, 0, *rates, *values)
+        assert message.startswith("**Cannot start:**") and __import__("re").search(match, message), message
+    generate = {(0, 2, 64, 1.0): "images per model must be between 1 and 8", (1, 0, 64, 1.0): "denoising steps",
+                (1, 2, 100000, 1.0): "resolution must be between 8 and 4096", (1, 2, 64, 9.0): "adapter scale",
+                (1, 2, None, 1.0): "fill in every number"}
+    for (n, steps, res, scale), match in generate.items():
+        gallery, scores, message = app.generate(str(tiny_sdxl), "a sks toy", 0, n, steps, res, scale)
+        assert gallery == [] and message.startswith("**Cannot generate:**") and match in message, message

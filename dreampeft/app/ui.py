@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
+from ..dreambooth.config import MAX_RESOLUTION
 from ..eval import EvalError
 from .forms import IMAGE_SUFFIXES, UploadError, check_uploads, option_specs, options_from_values, stage_uploads
 from .jobs import JobQueue
-from ..presets import RESOLUTION, SDXL, learning_rates, method_preset
+from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
 JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA"]
@@ -36,6 +37,20 @@ def preset_defaults(model: str) -> tuple | None:
         options = [method_preset(preset, s.method).options.get(s.name, s.default) for s in option_specs(list(METHODS))]
         return (RESOLUTION[preset],) * 2 + tuple(learning_rates(preset).values()) + tuple(options)
     return None
+
+
+def check_generation(seed, n, steps, resolution, scale) -> None:
+    """The generate form's numbers, checked on the server too (an API call can send anything)."""
+    if None in (seed, n, steps, resolution, scale):
+        raise ConfigError("fill in every number")
+    for name, value, low, high in (("images per model", n, 1, 8), ("denoising steps", steps, 1, 100),
+                                   ("resolution", resolution, 8, MAX_RESOLUTION)):
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
+    if int(resolution) % 8:
+        raise ConfigError(f"resolution {resolution}: use a multiple of 8")
+    if not -4 <= float(scale) <= 4:
+        raise ConfigError(f"adapter scale must be between -4 and 4 (got {scale})")
 
 
 class App:
@@ -60,6 +75,10 @@ class App:
         try:
             if not methods:
                 raise ConfigError("choose at least one method to train")
+            methods = parse_methods(",".join(methods), "Methods")
+            blank = [m for m in methods if lrs[list(METHODS).index(m)] is None]
+            if blank or None in (steps, resolution, seed, validate_every):
+                raise ConfigError(f"fill in {'the learning rate of ' + ', '.join(blank) if blank else 'every number'}")
             path = resolve_model(model, self.work_dir)
             data = stage_uploads(check_uploads(files), self.work_dir / "uploads")
             prompt = instance_prompt.strip() or f"a photo of sks {class_word.strip() or 'object'}"
@@ -137,8 +156,9 @@ class App:
         """Base model and every finished run on ``model``: same prompt, same seeds; then scores."""
         try:
             path = resolve_model(model, self.work_dir)
-            if not prompt.strip():
+            if not (prompt or "").strip():
                 raise ConfigError("write a prompt, e.g. 'a photo of sks object on the beach'")
+            check_generation(seed, n, steps, resolution, scale)
             done = [j for j in self.queue.jobs if j.state == "done"]
             runs = [(f"{j.method} (run {j.id})", j.output_dir) for j in done
                     if j.cfg.pretrained_model_name_or_path == path]

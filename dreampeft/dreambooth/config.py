@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
 from ..adapters.config import check_fields, option, require
 
+MAX_RESOLUTION = 4096
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -95,14 +96,25 @@ class DreamBoothConfig:
         require(bool(self.instance_prompt.strip()), "--instance_prompt is required, e.g. 'a photo of sks dog'")
         require(self.resolution >= 8 and self.resolution % 8 == 0,
                 f"--resolution {self.resolution}: use a positive multiple of 8")
+        require(self.resolution <= MAX_RESOLUTION, f"--resolution {self.resolution} is above {MAX_RESOLUTION} "
+                "(SDXL trains at 1024; larger ones exhaust memory): use 1024")
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
                      "num_validation_images", "sample_batch_size"):
             require(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
         require(self.max_train_steps is None or self.max_train_steps >= 1, "--max_train_steps must be >= 1")
         require(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
+        require(self.text_encoder_lr is None or self.text_encoder_lr > 0,
+                f"--text_encoder_lr must be > 0 (got {self.text_encoder_lr})")
+        for name in ("validation_steps", "checkpointing_steps", "prior_loss_weight", "noise_offset",
+                     "max_grad_norm", "lr_warmup_steps"):
+            require(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)}; 0 turns it off)")
+        require(self.inference_steps >= 1, f"--inference_steps must be >= 1 (got {self.inference_steps})")
+        require(self.snr_gamma is None or self.snr_gamma > 0,
+                f"--snr_gamma must be > 0 (got {self.snr_gamma}; 5.0 is the paper's): 0 would zero every loss")
         if self.with_prior_preservation:
             require(bool(self.class_prompt), "--with_prior_preservation needs --class_prompt")
             require(bool(self.class_data_dir), "--with_prior_preservation needs --class_data_dir")
+            require(self.num_class_images >= 1, "--num_class_images must be >= 1 with --with_prior_preservation")
         else:
             require(self.class_prompt is None and self.class_data_dir is None,
                     "--class_prompt/--class_data_dir only apply with --with_prior_preservation")

@@ -108,7 +108,11 @@ def scan_folder(folder: str | Path, prompt: str, flag: str) -> list[Example]:
     examples = []
     for p in images:
         caption = p.with_suffix(".txt")
-        text = caption.read_text(encoding="utf-8").strip() if caption.exists() else ""
+        try:
+            text = caption.read_text(encoding="utf-8").strip() if caption.exists() else ""
+        except (UnicodeDecodeError, OSError) as exc:
+            raise DreamBoothError(f"{caption}: cannot read this caption ({type(exc).__name__}); save it as "
+                                  "UTF-8 text or remove it") from None
         examples.append(Example(p, text or prompt, load_image(p)))
     return examples
 

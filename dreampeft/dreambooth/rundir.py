@@ -45,6 +45,8 @@ def _remove(path: Path) -> None:
 
 def claim(out: Path, overwrite: bool, resuming: bool):
     """Create, lock and check ``out``; returns the open lock file (keep it for the whole run)."""
+    if out.exists() and not out.is_dir():
+        raise DreamBoothError(f"--output_dir {out} is a file; give a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK_NAME, "a+")

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         gen = scan_folder(args.generated, "", "--generated")
         prompts = [e.prompt for e in gen] if all(e.prompt for e in gen) else None
         if args.prompts:
-            prompts = [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+            try:
+                prompts = [p.strip() for p in Path(args.prompts).read_text().splitlines() if p.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvalError(f"--prompts {args.prompts}: cannot read it ({type(exc).__name__}); "
+                                "give a text file with one prompt per line") from None
         scores = FidelityScorer(args.dino_model, args.clip_model).score(real, [e.image for e in gen], prompts)
     except (DreamBoothError, EvalError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,6 +25,7 @@ from ..adapters import METHODS, ConfigError, get_method
 from ..dreambooth.cli import add_adapter_arguments, adapter_options_from
 from ..export import PEFT_WRITERS, export_peft
 from ..state import save_adapter
+from ..utils import model_load_error
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -88,8 +89,11 @@ def train_llm(cfg: LLMConfig) -> dict:
     from ..hf import DashCallback
 
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(model_load_error("--model", cfg.model, exc)) from None
     examples = load_jsonl(cfg.data, tokenizer, cfg.max_length)
     try:
         inject.inject_adapters(model, cfg.adapter_config())

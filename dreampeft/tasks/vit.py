@@ -24,6 +24,7 @@ from ..adapters import METHODS, ConfigError, get_method
 from ..dreambooth.cli import add_adapter_arguments, adapter_options_from
 from ..dreambooth.data import IMAGE_EXTENSIONS, DreamBoothError, load_image
 from ..state import save_adapter
+from ..utils import model_load_error
 
 # ViT's query/value projections: "query"/"value" before transformers 5, "attention.q_proj"/
 # "attention.v_proj" from it on; both spellings, so hub checkpoints of either era work.
@@ -69,10 +70,13 @@ def train_vit(model_id: str, train_dir: str, val_dir: str | None, adapter: str, 
         raise ConfigError(f"--val classes {val[2]} differ from --train classes {classes}")
     cfg = get_method(adapter).config_cls(**options, target_modules=VIT_TARGETS)
     torch.manual_seed(seed)
-    model = AutoModelForImageClassification.from_pretrained(
-        model_id, id2label=dict(enumerate(classes)),
-        label2id={c: i for i, c in enumerate(classes)}, ignore_mismatched_sizes=True)
-    processor = AutoImageProcessor.from_pretrained(model_id)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_id, id2label=dict(enumerate(classes)),
+            label2id={c: i for i, c in enumerate(classes)}, ignore_mismatched_sizes=True)
+        processor = AutoImageProcessor.from_pretrained(model_id)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(model_load_error("--model", model_id, exc)) from None
     px = processor(images=images, return_tensors="pt").pixel_values
     vpx = processor(images=val[0], return_tensors="pt").pixel_values
     inject.inject_adapters(model, cfg)
