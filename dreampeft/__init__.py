@@ -20,7 +20,7 @@ if _os.environ.get("DREAMPEFT_KEEP_DENORMALS") != "1":
     _torch.set_flush_denormal(True)
 
 from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, AdapterLayer,
-                       ConfigError, FourierFTConfig, LoRAConfig, LoRADashConfig, MoRAConfig,
+                       ConfigError, DoRAConfig, FourierFTConfig, LoRAConfig, LoRADashConfig, MoRAConfig,
                        config_from_dict, dash_step, get_method, is_dash_active, launch_dash)
 from .inject import (adapter_layers, adapter_parameters, disable_adapters, find_targets,
                      inject_adapters, mark_only_adapters_trainable, merge_adapters,
@@ -32,7 +32,7 @@ from .state import AdapterFileError, load_adapter, read_manifest, save_adapter
 
 __all__ = [
     "__version__", "CLIP_ATTENTION", "METHODS", "UNET_ATTENTION", "AdapterConfig", "AdapterLayer",
-    "ConfigError", "LoRAConfig", "LoRADashConfig", "FourierFTConfig", "MoRAConfig", "dash_step",
+    "ConfigError", "LoRAConfig", "LoRADashConfig", "FourierFTConfig", "MoRAConfig", "DoRAConfig", "dash_step",
     "is_dash_active", "launch_dash", "DashCallback", "config_from_dict", "get_method", "adapter_layers",
     "adapter_parameters", "disable_adapters", "find_targets", "inject_adapters",
     "mark_only_adapters_trainable", "merge_adapters", "remove_adapters", "set_adapter_scale",

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import AdapterLayer, LoRALayer
+from .adapters import AdapterLayer
 from .inject import adapter_layers
 from .state import atomic_write
 
@@ -37,11 +37,18 @@ class LayerExport:
     down: torch.Tensor  # (k, d_in)
     rel_error: float  # ||ΔW - up·down||_F / ||ΔW||_F
     norm: float  # ||ΔW||_F
+    magnitude: torch.Tensor | None = None  # DoRA: up·down is the direction update, m rescales rows
 
 
 @torch.no_grad()
-def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | None = None) -> LayerExport:
-    """LoRA factors of a layer's ΔW (at scale 1): exact where the method is low-rank, else SVD."""
+def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | None = None,
+                 dora: bool = True) -> LayerExport:
+    """LoRA factors of a layer's ΔW (at scale 1): exact where the method is low-rank, DoRA's own
+    factors and magnitude where the format has DoRA (``dora``), else SVD."""
+    parts = layer.dora_parts() if dora else None
+    if parts is not None:
+        up, down, magnitude = parts
+        return LayerExport(up, down, 0.0, float(layer.delta_weight().norm()), magnitude)
     exact = layer.exact_factors()
     if exact is not None:
         up, down = exact
@@ -61,14 +68,15 @@ def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | N
     return LayerExport((U[:, :k] * S[:k]).contiguous(), Vh[:k].contiguous(), err, math.sqrt(total))
 
 
-def factorize(models: dict, rank: int | None = None, energy: float | None = None) -> dict:
+def factorize(models: dict, rank: int | None = None, energy: float | None = None, dora: bool = True) -> dict:
     """{component: {layer name: LayerExport}}: computed once, shared by the LoRA-file writers
-    (the SVD of FourierFT/MoRA layers is the expensive part of an export)."""
+    (the SVD of FourierFT/MoRA layers is the expensive part of an export). ``dora=False`` gives
+    DoRA layers as an SVD of their ΔW, for formats without DoRA."""
     if rank is not None and energy is not None:
         raise ValueError("give an export rank or an energy threshold, not both")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    return {comp: {name: lora_factors(layer, rank, energy) for name, layer in adapter_layers(model).items()}
+    return {comp: {name: lora_factors(layer, rank, energy, dora) for name, layer in adapter_layers(model).items()}
             for comp, model in models.items() if adapter_layers(model)}
 
 
@@ -85,20 +93,29 @@ def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
     tensors, meta, report = {}, {}, {"format": "diffusers-lora", "components": {}}
     for comp, exports in factors.items():
         layers = adapter_layers(models[comp])
+        if comp != "unet" and any(e.magnitude is not None for e in exports.values()):
+            # diffusers reads DoRA's magnitudes for the UNet (tested exact), but its text-encoder
+            # path drops them (they load re-initialised): text encoders get the SVD of ΔW instead.
+            exports = {n: lora_factors(layers[n], rank if rank or energy else 32, energy, dora=False)
+                       for n in exports}
         for name, e in exports.items():
             tensors[f"{comp}.{name}.lora_A.weight"] = e.down.cpu()
             tensors[f"{comp}.{name}.lora_B.weight"] = e.up.cpu()
+            if e.magnitude is not None:  # PEFT's key, which load_lora_weights reads (use_dora)
+                tensors[f"{comp}.{name}.lora_magnitude_vector"] = e.magnitude.cpu()
+        dora = any(e.magnitude is not None for e in exports.values())
         ranks = {name: e.down.shape[0] for name, e in exports.items()}
         base_rank = max(set(ranks.values()), key=list(ranks.values()).count)
         varying = {n: r for n, r in ranks.items() if r != base_rank}
         meta[comp] = {"r": base_rank, "lora_alpha": base_rank, "target_modules": sorted(exports),
                       "rank_pattern": varying, "alpha_pattern": dict(varying), "lora_dropout": 0.0,
-                      "init_lora_weights": True, "use_dora": False, "bias": "none"}
+                      "init_lora_weights": True, "use_dora": dora, "bias": "none"}
         err2 = sum((e.rel_error * e.norm) ** 2 for e in exports.values())
         norm2 = sum(e.norm ** 2 for e in exports.values())
         method = next(iter(layers.values())).config.method
         report["components"][comp] = {
-            "method": method, "exact": all(l.exact_factors() is not None for l in layers.values()),
+            "method": method, "exact": all(e.rel_error == 0.0 and (l.exact_factors() is not None or e.magnitude is not None)
+                                           for l, e in zip(layers.values(), exports.values())),
             "rank": base_rank, "ranks": sorted(set(ranks.values())),
             "overall_rel_error": math.sqrt(err2 / norm2) if norm2 > 0 else 0.0,
             "max_layer_rel_error": max(e.rel_error for e in exports.values()),
@@ -141,8 +158,10 @@ def kohya_key(component: str, name: str, layers_per_block: int) -> str:
 def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
                  energy: float | None = None, weight_name: str = KOHYA_WEIGHTS,
                  factors: dict | None = None) -> Path:
-    """``lora_unet_…/lora_te1_…/lora_te2_…`` with ``.lora_down/.lora_up/.alpha`` (alpha = rank)."""
-    factors = factors if factors is not None else factorize(models, rank, energy)
+    """``lora_unet_…/lora_te1_…/lora_te2_…`` with ``.lora_down/.lora_up/.alpha`` (alpha = rank).
+    DoRA goes through the truncated SVD of its ΔW here (no DoRA keys written)."""
+    if factors is None or any(e.magnitude is not None for ex in factors.values() for e in ex.values()):
+        factors = factorize(models, rank if rank or energy else 32, energy, dora=False)
     tensors = {}
     for comp, exports in factors.items():
         lpb = getattr(getattr(models[comp], "config", None), "layers_per_block", 2)
@@ -159,23 +178,38 @@ def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
 
 
 # -- PEFT ------------------------------------------------------------------------------------
+def _lora_config(r: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **extra) -> dict:
+    return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": dropout, **extra}
+
+
+def _raw_lora(layers: dict) -> dict:
+    return {f"base_model.model.{n}.lora_{ab}.weight": getattr(l, f"lora_{ab}").detach().float().cpu()
+            for n, l in layers.items() for ab in "AB"}
+
+
 def _peft_lora(layers: dict) -> tuple[dict, dict]:
-    first = next(iter(layers.values()))
-    if isinstance(first, LoRALayer):  # plain LoRA is still trainable in peft: its raw A, B and alpha
-        cfg = first.config
-        config = {"peft_type": "LORA", "r": cfg.r, "lora_alpha": cfg.alpha or cfg.r,
-                  "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout}
-        tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(l, f"lora_{ab}").detach().float().cpu()
-                   for n, l in layers.items() for ab in "AB"}
-        return config, tensors
-    exports = {n: lora_factors(l) for n, l in layers.items()}  # LoRA-Dash: its rank r+s form
+    """Plain LoRA as its raw A, B and alpha: exact, and still trainable in peft."""
+    cfg = next(iter(layers.values())).config
+    return _lora_config(cfg.r, cfg.alpha or cfg.r, cfg.rslora, cfg.dropout), _raw_lora(layers)
+
+
+def _peft_lora_factors(layers: dict) -> tuple[dict, dict]:
+    """A method that is exactly a LoRA of another rank (LoRA-Dash: r+s), as those factors."""
+    exports = {n: lora_factors(l) for n, l in layers.items()}
     rank = next(iter(exports.values())).down.shape[0]
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "use_rslora": False, "lora_dropout": 0.0}
     tensors = {}
     for n, e in exports.items():
         tensors[f"base_model.model.{n}.lora_A.weight"] = e.down.cpu()
         tensors[f"base_model.model.{n}.lora_B.weight"] = e.up.cpu()
-    return config, tensors
+    return _lora_config(rank, rank), tensors
+
+
+def _peft_dora(layers: dict) -> tuple[dict, dict]:
+    """DoRA as PEFT stores it: LoRA's raw A, B and alpha with use_dora, plus each magnitude."""
+    config, tensors = _peft_lora(layers)
+    tensors.update({f"base_model.model.{n}.lora_magnitude_vector": l.magnitude.detach().float().cpu()
+                    for n, l in layers.items()})
+    return {**config, "use_dora": True}, tensors
 
 
 def _peft_fourierft(layers: dict) -> tuple[dict, dict]:
@@ -194,7 +228,9 @@ def _peft_fourierft(layers: dict) -> tuple[dict, dict]:
     return config, tensors
 
 
-PEFT_WRITERS = {"LORA": _peft_lora, "FOURIERFT": _peft_fourierft}  # by each method's peft_type
+# by each method's ``peft_writer``
+PEFT_WRITERS = {"lora": _peft_lora, "lora_factors": _peft_lora_factors, "dora": _peft_dora,
+                "fourierft": _peft_fourierft}
 
 
 def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None) -> list[Path]:
@@ -206,11 +242,11 @@ def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None
         if not layers:
             continue
         first = next(iter(layers.values()))
-        if first.peft_type not in PEFT_WRITERS:
+        if first.peft_writer not in PEFT_WRITERS:
             method = first.config.method
             raise ValueError(f"PEFT has no {method} adapter; export {method} to the diffusers format "
                              f"(truncated SVD) or keep the native file")
-        config, tensors = PEFT_WRITERS[first.peft_type](layers)
+        config, tensors = PEFT_WRITERS[first.peft_writer](layers)
         config.update({"target_modules": sorted(layers), "task_type": None, "bias": "none",
                        "base_model_name_or_path": base_model, "inference_mode": True})
         folder = Path(out_dir) / comp

@@ -41,6 +41,7 @@ _PRESETS: dict[str, dict[str, MethodPreset]] = {
         # training began from a wrecked model (prompt fidelity 0.2 whatever the rate).
         "fourierft": MethodPreset(2.5e-4, {"n_frequency": 1000, "scaling": 150.0, "init": "zeros"}),
         "mora": MethodPreset(4e-3, {"r": 4, "mora_type": 6}),
+        "dora": MethodPreset(2e-3, {"r": 4}),  # LoRA's rate and rank; not swept on the toy yet
     },
 }
 

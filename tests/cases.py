@@ -24,6 +24,7 @@ METHOD_CASES = {
                                                     target_modules=targets),
     "mora": lambda targets: dp.MoRAConfig(r=3, mora_type=6, target_modules=targets),
     "mora-type1": lambda targets: dp.MoRAConfig(r=3, mora_type=1, target_modules=targets),
+    "dora": lambda targets: dp.DoRAConfig(r=3, alpha=6.0, target_modules=targets),
 }
 
 

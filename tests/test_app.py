@@ -114,7 +114,7 @@ def trained_app(tiny_sdxl, eval_models, tmp_path_factory):
     app = App(tmp_path_factory.mktemp("app"), model=str(tiny_sdxl), dino_model=str(eval_models[0]),
               clip_model=str(eval_models[1]))
     values = [s.default for s in app.specs]
-    lrs = [1e-2, 1e-2, 1e-1, 1e-2]
+    lrs = [{"fourierft": 1e-1}.get(m, 1e-2) for m in METHODS]  # one per registered method, in order
     message = app.train(str(tiny_sdxl), SUBJECT, "a photo of sks star", "star", ["lora", "fourierft"],
                         4, 64, 0, 2, *lrs, *values)
     assert message.startswith("Queued lora (run 1), fourierft (run 2)")
@@ -158,8 +158,8 @@ def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
 
     toy, sdxl, n = preset_defaults(TOY), preset_defaults(""), len(METHODS)
     assert toy[:2] == (64, 64) and sdxl[:2] == (1024, 1024)
-    assert toy[2:2 + n] == (2e-3, 2e-3, 2.5e-4, 4e-3)  # swept on the toy (lora, lora_dash, fourierft, mora)
-    assert sdxl[2:2 + n] == (1e-4, 1e-4, 1e-2, 1e-4) == tuple(method_preset("sdxl", m).lr for m in METHODS)
+    assert toy[2:2 + n] == (2e-3, 2e-3, 2.5e-4, 4e-3, 2e-3)  # lora, lora_dash, fourierft, mora, dora
+    assert sdxl[2:2 + n] == (1e-4, 1e-4, 1e-2, 1e-4, 1e-4) == tuple(method_preset("sdxl", m).lr for m in METHODS)
     names = [(s.method, s.name) for s in option_specs(list(METHODS))]
     init = 2 + n + names.index(("fourierft", "init"))  # the toy starts FourierFT from zeros
     assert len(toy) == len(sdxl) == 2 + n + len(names) and (toy[init], sdxl[init]) == ("zeros", "gaussian")

@@ -28,6 +28,7 @@ METHOD_FLAGS = {
     "lora_dash": ["--rank", "2", "--dash_warmup_steps", "2", "--dash_directions", "4"],
     "fourierft": ["--n_frequency", "100", "--fourier_scaling", "20", "--learning_rate", "1e-2"],
     "mora": ["--rank", "2", "--mora_type", "6"],
+    "dora": ["--rank", "2", "--lora_dropout", "0.1"],
 }
 
 
@@ -202,7 +203,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("empty_dir", "no images found"),
     ("corrupt", r"broken.png: cannot read this image"),
     ("no_model", "--pretrained_model_name_or_path .*: does not exist"),
-    ("bad_adapter", r"argument --adapter: invalid choice: 'dora'"),
+    ("bad_adapter", r"argument --adapter: invalid choice: 'vera'"),
     ("no_match", r"--unet_target_modules: no nn.Linear module .* matches \['to_qq'\]"),
     ("wrong_method_flag", "--n_frequency applies to --adapter fourierft, not lora"),
     ("class_without_prior", "only apply with --with_prior_preservation"),
@@ -229,7 +230,7 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
         (instance_dir / "broken.png").write_bytes(b"\x89PNG not really")
     elif case == "no_model":
         model = tmp_path / "no-such-model"
-    extra = {"bad_adapter": ["--adapter", "dora"], "no_match": ["--unet_target_modules", "to_qq"],
+    extra = {"bad_adapter": ["--adapter", "vera"], "no_match": ["--unet_target_modules", "to_qq"],
              "wrong_method_flag": ["--n_frequency", "10"], "class_without_prior": ["--class_prompt", "a toy"],
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
              "bad_resume": ["--resume_from_checkpoint", str(tmp_path)],

@@ -19,6 +19,7 @@ CONFIGS = {
     "lora_dash": dp.LoRADashConfig(r=3, n_directions=2),
     "fourierft": dp.FourierFTConfig(n_frequency=200, scaling=10.0),
     "mora": dp.MoRAConfig(r=2),
+    "dora": dp.DoRAConfig(r=3, alpha=6.0),
 }
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -108,7 +109,7 @@ def test_export_argument_errors(tiny_sdxl, tmp_path):
         export_diffusers({"unet": pipe.unet}, tmp_path, energy=1.5)
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft"])
+@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft", "dora"])
 def test_peft_format_loads_in_peft_with_identical_outputs(method, tiny_sdxl, tmp_path):
     peft = pytest.importorskip("peft")
     ours = _adapted(tiny_sdxl, method)
@@ -186,3 +187,37 @@ def test_kohya_file_loads_through_diffusers_sgm_path(method, size, tiny_sdxl, me
     torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-6)
     for comp in ("text_encoder", "text_encoder_2"):  # trained text encoders included
         torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-5, atol=1e-6)
+
+
+def test_dora_kohya_file_is_the_svd_of_its_update(tiny_sdxl, tmp_path):
+    """kohya's format has no magnitude vectors here: DoRA's ΔW goes through the truncated SVD,
+    exact at full rank through diffusers' kohya/SGM converter."""
+    from dreampeft.export import export_kohya
+
+    ours = _adapted(tiny_sdxl, "dora")
+    factors = dp.export.factorize({"unet": ours.unet})  # DoRA's own factors, as the trainer shares them
+    weights = export_kohya({"unet": ours.unet}, tmp_path, rank=1024, factors=factors)
+    with safe_open(weights, "pt") as f:
+        assert not any("magnitude" in k or "dora" in k for k in f.keys())
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path, weight_name=weights.name)
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-3, atol=1e-4)
+
+
+def test_dora_loads_exactly_in_diffusers_unet_and_text_encoders_by_svd(tiny_sdxl, tmp_path):
+    """The UNet in DoRA's own format (raw factors + lora_magnitude_vector, use_dora), which
+    load_lora_weights reads exactly; text encoders as the SVD of ΔW (diffusers' text-encoder path
+    drops magnitudes), exact here because rank 32 is full rank on the tiny encoders."""
+    ours = _adapted(tiny_sdxl, "dora")
+    report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)["components"]
+    assert report["unet"]["exact"] and not report["text_encoder"]["exact"]
+    with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
+        keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["unet.use_dora"] and not meta["text_encoder.use_dora"]
+    assert any(k.startswith("unet.") and k.endswith(".lora_magnitude_vector") for k in keys)
+    assert not any(k.startswith("text_encoder") and "magnitude" in k for k in keys)
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path)
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-6)
+    for comp in ("text_encoder", "text_encoder_2"):
+        torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-4, atol=1e-4)

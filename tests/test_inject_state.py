@@ -74,8 +74,8 @@ def test_config_dict_roundtrip_and_unknown_keys():
     assert dp.config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(dp.ConfigError, match=r"unknown LoRAConfig option\(s\) \['rank'\]; valid:"):
         dp.config_from_dict({"method": "lora", "rank": 4})
-    with pytest.raises(dp.ConfigError, match=r"unknown adapter method 'dora'; choose one of"):
-        dp.config_from_dict({"method": "dora"})
+    with pytest.raises(dp.ConfigError, match=r"unknown adapter method 'vera'; choose one of"):
+        dp.config_from_dict({"method": "vera"})
 
 
 def _saved_mlp(tmp_path):

@@ -14,8 +14,8 @@ from dreampeft.tasks.llm import LLMConfig, main, train_llm
 from dreampeft.tiny import build_tiny_llama, save_pair
 
 OPTIONS = {"lora": {"r": 4}, "lora_dash": {"r": 4, "warmup_steps": 5, "n_directions": 4},
-           "fourierft": {"n_frequency": 200, "scaling": 50.0, "init": "zeros"}, "mora": {"r": 4}}
-LR = {"lora": 3e-3, "lora_dash": 3e-3, "fourierft": 5e-2, "mora": 3e-3}
+           "fourierft": {"n_frequency": 200, "scaling": 50.0, "init": "zeros"}, "mora": {"r": 4}, "dora": {"r": 4}}
+LR = {"lora": 3e-3, "lora_dash": 3e-3, "fourierft": 5e-2, "mora": 3e-3, "dora": 3e-3}
 
 
 @pytest.fixture(scope="module")

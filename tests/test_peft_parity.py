@@ -29,3 +29,44 @@ def test_lora_matches_peft(rslora):
         assert other.scaling["default"] == pytest.approx(layer.scaling)
     inputs = example_input("unet")
     torch.testing.assert_close(ours(**inputs).sample, theirs(**inputs).sample, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_matches_peft_outputs_and_gradients(dropout):
+    """PEFT's DoRA given the same A, B and magnitude: same outputs (train mode with dropout, eval),
+    same gradients (‖W0 + sBA‖ detached in both), and merging keeps the output."""
+    peft = pytest.importorskip("peft")
+    ours, theirs = build("unet"), build("unet")
+    dp.inject_adapters(ours, dp.DoRAConfig(r=4, alpha=8, dropout=dropout))
+    theirs = peft.inject_adapter_in_model(peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=list(dp.UNET_ATTENTION)), theirs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, layer in dp.adapter_layers(ours).items():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+            layer.magnitude.mul_(1 + 0.2 * torch.randn(layer.magnitude.shape, generator=g))
+            other = theirs.get_submodule(name)
+            other.lora_A["default"].weight.copy_(layer.lora_A)
+            other.lora_B["default"].weight.copy_(layer.lora_B)
+            other.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    inputs = example_input("unet")
+    for model in (ours, theirs):
+        model.train()
+    torch.manual_seed(1)  # the same dropout masks: both draw one mask per layer, in the same order
+    a = ours(**inputs).sample
+    torch.manual_seed(1)
+    b = theirs(**inputs).sample
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    a.pow(2).mean().backward()
+    b.pow(2).mean().backward()
+    for name, layer in dp.adapter_layers(ours).items():
+        other = theirs.get_submodule(name)
+        torch.testing.assert_close(layer.magnitude.grad, other.lora_magnitude_vector["default"].weight.grad,
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.lora_A.grad, other.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        expected = theirs(**inputs).sample
+        torch.testing.assert_close(ours(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
+        dp.merge_adapters(ours)
+        torch.testing.assert_close(ours(**inputs).sample, expected, rtol=1e-4, atol=1e-5)

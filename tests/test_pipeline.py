@@ -13,7 +13,7 @@ from .test_export import COMPONENTS, _adapted, _pipe, _text_out
 from .test_dreambooth import unet_output
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft", "mora"])
+@pytest.mark.parametrize("method", ["lora", "lora_dash", "fourierft", "mora", "dora"])
 def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method)
     dp.save_adapter({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
@@ -46,13 +46,13 @@ def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, "lora")
     dp.save_adapter({"unet": ours.unet}, tmp_path / "run")
     manifest = json.loads((tmp_path / "run" / "dreampeft_adapter.json").read_text())
-    manifest["components"]["unet"]["configs"][0]["method"] = "dora"
+    manifest["components"]["unet"]["configs"][0]["method"] = "vera"
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(tmp_path / "run" / "dreampeft_adapter.safetensors")
     save_file(tensors, tmp_path / "run" / "dreampeft_adapter.safetensors",
               metadata={"format": "pt", "dreampeft-adapter": json.dumps(manifest)})
-    with pytest.raises(dp.AdapterFileError, match="dreampeft_adapter.safetensors: .*unknown adapter method 'dora'; choose one of"):
+    with pytest.raises(dp.AdapterFileError, match="dreampeft_adapter.safetensors: .*unknown adapter method 'vera'; choose one of"):
         dp.load_into_pipeline(pipe, tmp_path / "run")
 
 

@@ -536,7 +536,7 @@ def test_a_newly_registered_method_is_offered_everywhere(tiny_sdxl, instance_dir
         assert {s.method for s in option_specs()} >= {"echo_lora"}
         cfg = DreamBoothConfig(pretrained_model_name_or_path=str(tiny_sdxl), instance_data_dir=str(instance_dir),
                                instance_prompt="a sks toy", adapter="echo_lora", extra_exports=["peft"])
-        assert isinstance(cfg.adapter_config(), EchoConfig)  # and PEFT export is allowed: peft_type LORA
+        assert isinstance(cfg.adapter_config(), EchoConfig)  # and PEFT export is allowed: LoRA's writer
     finally:
         METHODS.pop("echo_lora")
     with pytest.raises(dp.ConfigError, match="--methods: unknown \\['echo_lora'\\]; choose from lora, lora_dash"):
@@ -643,7 +643,7 @@ def test_the_apps_handlers_refuse_what_an_api_call_can_send(tiny_sdxl, tmp_path)
     app = App(tmp_path / "work", model=str(tiny_sdxl), queue=queue)
     values, lrs = [s.default for s in app.specs], list(learning_rates("sdxl").values())
     train = {"blank rate": ((["lora"], 2, 64), [None, *lrs[1:]], "fill in the learning rate of lora"),
-             "unknown method": ((["dora"], 2, 64), lrs, "Methods: unknown \\['dora'\\]"),
+             "unknown method": ((["vera"], 2, 64), lrs, "Methods: unknown \\['vera'\\]"),
              "huge resolution": ((["lora"], 2, 100000), lrs, "--resolution 100000 is above 4096")}
     for (methods, steps, res), rates, match in train.values():
         message = app.train(str(tiny_sdxl), SUBJECT, "a sks toy", "toy", methods, steps, res, 0, 0, *rates, *values)

@@ -11,7 +11,7 @@ from dreampeft.tasks.vit import main, train_vit
 from dreampeft.tiny import build_tiny_vit, save_pair
 
 OPTIONS = {"lora": {"r": 4}, "lora_dash": {"r": 4, "warmup_steps": 10, "n_directions": 4},
-           "fourierft": {"n_frequency": 200, "scaling": 50.0}, "mora": {"r": 4}}
+           "fourierft": {"n_frequency": 200, "scaling": 50.0}, "mora": {"r": 4}, "dora": {"r": 4}}
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 

@@ -7,10 +7,11 @@ from .lora import LoRAConfig, LoRALayer  # isort: skip
 from .lora_dash import LoRADashConfig, LoRADashLayer, dash_step, is_dash_active, launch_dash  # isort: skip
 from .fourierft import FourierFTConfig, FourierFTLayer  # isort: skip
 from .mora import MoRAConfig, MoRALayer  # isort: skip
+from .dora import DoRAConfig, DoRALayer  # isort: skip
 
 __all__ = [
     "METHODS", "AdapterLayer", "AdapterConfig", "ConfigError", "config_from_dict", "get_method",
     "reference_forward", "register_method", "CLIP_ATTENTION", "UNET_ATTENTION",
     "LoRAConfig", "LoRALayer", "LoRADashConfig", "LoRADashLayer", "dash_step", "is_dash_active",
-    "launch_dash", "FourierFTConfig", "FourierFTLayer", "MoRAConfig", "MoRALayer",
+    "launch_dash", "FourierFTConfig", "FourierFTLayer", "MoRAConfig", "MoRALayer", "DoRAConfig", "DoRALayer",
 ]

@@ -52,7 +52,7 @@ class AdapterLayer(nn.Module):
 
     config_cls: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float] = 1e-4  # suggested learning rate when no preset names one
-    peft_type: ClassVar[str | None] = None  # PEFT's name for the method, if PEFT has it
+    peft_writer: ClassVar[str | None] = None  # its writer in export.PEFT_WRITERS, if PEFT has the method
 
     def __init__(self, base_layer: nn.Linear, config: AdapterConfig):
         super().__init__()
@@ -142,6 +142,11 @@ class AdapterLayer(nn.Module):
     def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(up, down) with ΔW = up @ down exactly (at scale 1), for methods that are a LoRA;
         None for high-rank updates, which exports approximate with a truncated SVD."""
+        return None
+
+    def dora_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(up, down, magnitude) for a weight-decomposed method written in DoRA's own format
+        (W' = m ⊙ (W0 + up·down)/‖W0 + up·down‖_row); None for every other method."""
         return None
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ class _SpectrumToDelta(torch.autograd.Function):
 class FourierFTLayer(AdapterLayer):
     config_cls = FourierFTConfig
     default_lr = 1e-2  # the paper's range is 1e-2..3e-1: a spectrum coefficient moves all of ΔW
-    peft_type = "FOURIERFT"
+    peft_writer = "fourierft"
 
     def __init__(self, base_layer: nn.Linear, config: FourierFTConfig):
         super().__init__(base_layer, config)

@@ -60,7 +60,7 @@ class LoRAMixin:
 @register_method
 class LoRALayer(LoRAMixin, AdapterLayer):
     config_cls = LoRAConfig
-    peft_type = "LORA"
+    peft_writer = "lora"
 
     def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_B.float() * self.scaling, self.lora_A.float()

@@ -48,7 +48,7 @@ class LoRADashConfig(LoRAConfig):
 @register_method
 class LoRADashLayer(LoRAMixin, AdapterLayer):
     config_cls = LoRADashConfig
-    peft_type = "LORA"  # exported as its exact rank r+s LoRA
+    peft_writer = "lora_factors"  # exported as its exact rank r+s LoRA
 
     def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         up, down = self.low_rank_factors(1.0)

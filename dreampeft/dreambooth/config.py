@@ -124,7 +124,7 @@ class DreamBoothConfig:
             require(0 < self.export_energy <= 1, f"--export_energy must be in (0, 1] (got {self.export_energy})")
             self.export_rank = None  # the energy threshold replaces the fixed rank
         require(self.export_rank is None or self.export_rank >= 1, "--export_rank must be >= 1")
-        require(get_method(self.adapter).peft_type is not None or "peft" not in self.extra_exports,
+        require(get_method(self.adapter).peft_writer is not None or "peft" not in self.extra_exports,
                 f"--extra_exports peft: PEFT has no {self.adapter} adapter; use kohya, merged or the "
                 "default diffusers file")
         self.adapter_config("unet")  # validates the method options now, not mid-run

@@ -54,10 +54,10 @@ def final_save(run, images: list[str]) -> dict:
                                                  "trained_steps": run.total_steps})
     cfg.save(staged / "dreambooth_config.json")
     factors = factorize(models, rank=cfg.export_rank, energy=cfg.export_energy)
-    report = export_diffusers(models, staged, factors=factors)
+    report = export_diffusers(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
     (staged / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if "kohya" in cfg.extra_exports:
-        export_kohya(models, staged, factors=factors)
+        export_kohya(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
     if "peft" in cfg.extra_exports:
         export_peft(models, staged / "peft", base_model=cfg.pretrained_model_name_or_path)
     if "merged" in cfg.extra_exports:

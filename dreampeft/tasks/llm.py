@@ -110,7 +110,7 @@ def train_llm(cfg: LLMConfig) -> dict:
     trainer.train()
     out = Path(cfg.output_dir)
     save_adapter(model, out, extra_metadata={"base_model": cfg.model})
-    if get_method(cfg.adapter).peft_type in PEFT_WRITERS:
+    if get_method(cfg.adapter).peft_writer in PEFT_WRITERS:
         export_peft({"model": model}, out / "peft", base_model=cfg.model)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"losses": losses, "trainable": inject.trainable_parameter_count(model), "output_dir": str(out),
