@@ -78,7 +78,7 @@ def make_result(run, images: list[str], report: dict, step_seconds: list[float],
         rank_checksums=checksums)
 
 
-def rank_checksums(run: Run) -> list[list[float]]:
+def rank_checksums(run) -> list[list[float]]:
     """(sum, sum of squares) of every adapter tensor, from every process: replicas must agree."""
     vals = [(p.detach().double().sum(), p.detach().double().pow(2).sum())
             for m in run.unwrapped().values() for p in inject.adapter_parameters(m)]

@@ -7,7 +7,7 @@ import torch
 from .data import DreamBoothError
 
 
-def _adam_kwargs(cfg: DreamBoothConfig) -> dict:
+def _adam_kwargs(cfg) -> dict:
     return {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
             "eps": cfg.adam_epsilon}
 
