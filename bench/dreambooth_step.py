@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,8 +58,9 @@ def child(size: str, res: int, method: str, steps: int, workdir: Path) -> dict:
         if step == 0 and method == "lora_dash":
             from dreampeft.adapters import launch_dash
             launch_dash(run.acc.unwrap_model(run.trained["unet"]))  # time the dash phase
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    from dreampeft.dreambooth.finish import peak_memory_mb
+
+    peak = peak_memory_mb(run.device)
     unet = run.acc.unwrap_model(run.trained["unet"])
     from dreampeft import trainable_parameter_count
     return {"steps_per_s": 1 / statistics.median(times[2:]), "peak_mib": peak,

@@ -8,7 +8,8 @@ Forward, as PEFT computes it (dropout on the adapter input, for the base part to
     y = W0 x + b + (m/‖V‖ − 1) ⊙ W0 x' + (m/‖V‖) ⊙ s·B A x',   x' = dropout(x)
 so ΔW = (m/‖V‖)[:, None] · V − W0. The update depends on W0 itself, so merging keeps the ΔW it
 added and unmerging subtracts that same tensor (recomputing it from a merged W0 would be wrong).
-ΔW is full rank in general: LoRA-format exports go through the truncated SVD like FourierFT's.
+ΔW is full rank in general, so it is exported in DoRA's own format (A, s·B, m: ``dora_parts``) where
+the format has one (PEFT; diffusers' UNet), else as the truncated SVD of ΔW.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ class DoRALayer(LoRAMixin, AdapterLayer):
     def dora_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.lora_B.float() * self.scaling).clone(), self.lora_A.float().clone(), self.magnitude.float().clone()
 
+    def direction(self) -> torch.Tensor:
+        """V = W0 + s·B A in float32, before its rows are normalised."""
+        return self.base_layer.weight.float() + self.lora_delta()
+
     def weight_norm(self) -> torch.Tensor:
-        """‖W0 + s·B A‖ per output row, in float32 (the direction's norm)."""
-        return (self.base_layer.weight.float() + self.lora_delta()).norm(dim=1)
+        """‖V‖ per output row."""
+        return self.direction().norm(dim=1)
 
     def _mag(self) -> torch.Tensor:
         return self.magnitude / self.weight_norm().detach()  # the paper's §4.3: a constant in backward
@@ -53,7 +58,7 @@ class DoRALayer(LoRAMixin, AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         if self._merged_delta is not None:  # W0 holds the merge: ΔW is the one that was added
             return self._merged_delta
-        v = self.base_layer.weight.float() + self.lora_delta()
+        v = self.direction()
         return (self.magnitude / v.norm(dim=1))[:, None] * v - self.base_layer.weight.float()
 
     def _delta_out(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
