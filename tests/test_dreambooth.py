@@ -213,6 +213,15 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("bad_energy", r"--export_energy must be in \(0, 1\]"),
     ("peft_mora", "PEFT has no mora adapter"),
     ("bad_export", r"extra_exports = \['onnx'\] is not a valid"),
+    ("no_masks", "--masked_loss: no instance image has an alpha channel"),
+    ("mask_size", r"masks/img0.png: the mask is 40×40 but img0.png is 72×64"),
+    ("mask_black", r"masks/img1.png: the mask is all black"),
+    ("mask_unreadable", r"masks/img2.png: cannot read this mask"),
+    ("buckets_center", "--aspect_buckets with --center_crop"),
+    ("ema_decay", r"--ema_decay must be in \(0, 1\)"),
+    ("dropout_one", r"--caption_dropout_rate must be in \[0, 1\)"),
+    ("frac_without_te", "--train_text_encoder_frac only applies with --train_text_encoder"),
+    ("mask_dir_alone", "--mask_dir only applies with --masked_loss"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):
     if case == "no_bitsandbytes" and __import__("importlib").util.find_spec("bitsandbytes"):
@@ -230,6 +239,14 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
         (instance_dir / "broken.png").write_bytes(b"\x89PNG not really")
     elif case == "no_model":
         model = tmp_path / "no-such-model"
+    elif case.startswith("mask_") and case != "mask_dir_alone":
+        masks = tmp_path / "masks"
+        masks.mkdir()
+        for i, size in enumerate([(72, 64), (80, 64), (88, 64)]):
+            Image.new("L", (40, 40) if case == "mask_size" else size, 255).save(masks / f"img{i}.png")
+        Image.new("L", (80, 64), 0).save(masks / "img1.png") if case == "mask_black" else None
+        (masks / "img2.png").write_bytes(b"not a png") if case == "mask_unreadable" else None
+        extra = ["--masked_loss", "--mask_dir", str(masks)]
     extra = {"bad_adapter": ["--adapter", "vera"], "no_match": ["--unet_target_modules", "to_qq"],
              "wrong_method_flag": ["--n_frequency", "10"], "class_without_prior": ["--class_prompt", "a toy"],
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
@@ -237,7 +254,10 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
              "no_bitsandbytes": ["--optimizer", "adamw8bit"],
              "bad_energy": ["--export_energy", "1.5"],
              "peft_mora": ["--adapter", "mora", "--extra_exports", "peft"],
-             "bad_export": ["--extra_exports", "onnx"]}.get(case, [])
+             "bad_export": ["--extra_exports", "onnx"], "no_masks": ["--masked_loss"],
+             "buckets_center": ["--aspect_buckets", "--center_crop"], "ema_decay": ["--use_ema", "--ema_decay", "1"],
+             "dropout_one": ["--caption_dropout_rate", "1"], "frac_without_te": ["--train_text_encoder_frac", "0.5"],
+             "mask_dir_alone": ["--mask_dir", str(tmp_path)]}.get(case, extra)
     try:
         code = train_dreambooth.main(base_args(model, data, tmp_path / "out", *extra))
     except SystemExit as exc:  # argparse's own errors (invalid choice) exit with 2 too

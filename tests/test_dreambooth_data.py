@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dreampeft.dreambooth.data import BatchPlan, DreamBoothError, augment, generator, load_image, scan_folder
+from dreampeft.dreambooth.data import DreamBoothError, generator, load_image, scan_folder
+from dreampeft.dreambooth.views import BatchPlan, augment
 
 
 def _save(img: Image.Image, path, **kw):
@@ -72,13 +73,13 @@ def test_augmentation_is_drawn_per_step_and_conditioning_follows_it():
 
 
 def test_batch_plan_covers_each_epoch_and_splits_ranks():
-    plan = BatchPlan(n_instance=5, n_class=3, batch_size=2, world=2, seed=1)
+    plan = BatchPlan({(64, 64): list(range(5))}, n_class=3, batch_size=2, world=2, seed=1)
     assert plan.micro_batches_per_epoch == 2
-    seen = [i for m in range(5) for rank in range(2) for i, _ in plan.micro_batch(m, rank)]
+    seen = [i for m in range(5) for rank in range(2) for i, _ in plan.micro_batch(m, rank).pairs]
     for epoch in range(4):  # the stream is a sequence of permutations of the 5 images
         assert sorted(seen[epoch * 5:(epoch + 1) * 5]) == list(range(5))
-    a, b = plan.micro_batch(0, 0), plan.micro_batch(0, 1)
+    a, b = plan.micro_batch(0, 0).pairs, plan.micro_batch(0, 1).pairs
     assert {i for i, _ in a}.isdisjoint({i for i, _ in b})
     assert all(c is not None and 0 <= c < 3 for _, c in a + b)
-    order = lambda seed: [i for m in range(5) for i, _ in BatchPlan(5, 0, 1, 1, seed).micro_batch(m, 0)]
+    order = lambda seed: [i for m in range(5) for i, _ in BatchPlan({(8, 8): list(range(5))}, 0, 1, 1, seed).micro_batch(m, 0).pairs]
     assert order(1) == order(1) and order(1) != order(2)  # the seed decides the order

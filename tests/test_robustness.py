@@ -70,7 +70,8 @@ def test_injected_layers_take_the_models_mode(tiny_sdxl):
 
 def test_text_encoder_gradient_checkpointing_really_checkpoints(tiny_sdxl, instance_dir, tmp_path):
     from dreampeft.dreambooth import parse_config
-    from dreampeft.dreambooth.train import compute_loss, make_accelerator, setup
+    from dreampeft.dreambooth.batch import compute_loss
+    from dreampeft.dreambooth.train import make_accelerator, setup
 
     cfg = parse_config(base_args(tiny_sdxl, instance_dir, tmp_path / "out", "--train_text_encoder",
                                  "--gradient_checkpointing", "--lora_dropout", "0.1"))

@@ -31,13 +31,13 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(out_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler,
-                    config_json: str, limit: int | None) -> Path:
+                    config_json: str, limit: int | None, extra_state: dict | None = None) -> Path:
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(models, tmp)
     state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-             "scaler": scaler.state_dict() if scaler is not None else None}
+             "scaler": scaler.state_dict() if scaler is not None else None, "extra": extra_state or {}}
     torch.save(state, tmp / STATE_NAME)
     (tmp / "dreambooth_config.json").write_text(config_json)
     if final.exists():
@@ -60,7 +60,8 @@ def resolve_checkpoint(out_dir: Path, spec: str) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, scaler) -> int:
+def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, scaler) -> tuple[int, dict]:
+    """Restores the adapters, optimizer and schedule in place; returns (step, extra state)."""
     try:
         state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
         load_adapter(models, path)  # in place: the optimizer keeps its parameter references
@@ -74,4 +75,4 @@ def load_checkpoint(path: Path, models: dict, optimizer, lr_scheduler, scaler) -
                               "over with --overwrite_output_dir") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return int(state["step"])
+    return int(state["step"]), state.get("extra") or {}

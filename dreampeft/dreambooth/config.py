@@ -38,6 +38,8 @@ class DreamBoothConfig:
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
     text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
+    train_text_encoder_frac: float = option(1.0, "share of the steps the text-encoder adapters train; "
+                                            "after it they stay fixed and prompt embeddings are cached")
     # -- prior preservation
     with_prior_preservation: bool = option(False, "add the class-prior loss (needs --class_prompt)")
     class_prompt: str | None = option(None, "prompt of the subject's class, e.g. 'a photo of a dog'")
@@ -46,9 +48,19 @@ class DreamBoothConfig:
     prior_loss_weight: float = option(1.0, "weight of the class-prior loss")
     sample_batch_size: int = option(4, "batch size when generating class images")
     # -- data
-    resolution: int = option(1024, "training resolution (square)")
+    resolution: int = option(1024, "training resolution: the side of the square bucket; the other "
+                             "buckets have about as many pixels")
+    aspect_buckets: bool | None = option(None, "train each image at the SDXL bucket nearest its aspect "
+                                         "ratio (default: on when an instance image is not square)")
     center_crop: bool = option(False, "center-crop instead of a random crop")
     random_flip: bool = option(False, "flip horizontally with probability 0.5, drawn every step")
+    repeats: int = option(1, "times each instance image is seen per epoch")
+    masked_loss: bool = option(False, "weigh the loss by a subject mask: the image's alpha channel, "
+                               "or --mask_dir")
+    mask_dir: str | None = option(None, "folder of masks NAME.png for instance images NAME.* (white = subject)")
+    mask_background_weight: float = option(0.0, "loss weight outside the mask (0: the background is ignored)")
+    caption_dropout_rate: float = option(0.0, "share of captions replaced by the empty prompt, SDXL's "
+                                         "unconditional (0.05-0.1 is common)")
     # -- optimisation
     train_batch_size: int = option(1, "instance images per device per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
@@ -70,6 +82,9 @@ class DreamBoothConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "frozen weights in this dtype; "
                                                             "adapters stay float32")
     gradient_checkpointing: bool = option(False, "recompute UNet activations to save memory")
+    use_ema: bool = option(False, "keep an exponential moving average of the adapter weights; "
+                           "validation and the exports use it (the training weights are saved too)")
+    ema_decay: float = option(0.999, "EMA decay, warmed up as min(decay, (1+t)/(10+t))")
     # -- validation, checkpoints, progress
     validation_prompt: str | None = option(None, "prompt of the validation images")
     num_validation_images: int = option(2, "images per validation")
@@ -79,6 +94,9 @@ class DreamBoothConfig:
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'")
     events: str | None = option(None, "write JSON-lines progress events to this file")
+    report_to: Literal["none", "tensorboard", "wandb"] = option(
+        "none", "experiment tracker (through accelerate): loss, lr, gradient norm, step time, validation "
+        "images; files under OUTPUT_DIR/logs (W&B offline with WANDB_MODE=offline)")
     export_rank: int | None = option(32, "rank of the diffusers LoRA exported for FourierFT/MoRA "
                                      "(truncated SVD; LoRA and LoRA-Dash export exactly)")
     extra_exports: list[Literal["kohya", "peft", "merged"]] = option(
@@ -120,6 +138,7 @@ class DreamBoothConfig:
                     "--class_prompt/--class_data_dir only apply with --with_prior_preservation")
         require(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                 "--checkpoints_total_limit must be >= 1")
+        self._check_data_options()
         if self.export_energy is not None:
             require(0 < self.export_energy <= 1, f"--export_energy must be in (0, 1] (got {self.export_energy})")
             self.export_rank = None  # the energy threshold replaces the fixed rank
@@ -128,6 +147,25 @@ class DreamBoothConfig:
                 f"--extra_exports peft: PEFT has no {self.adapter} adapter; use kohya, merged or the "
                 "default diffusers file")
         self.adapter_config("unet")  # validates the method options now, not mid-run
+
+    def _check_data_options(self) -> None:
+        require(not (self.aspect_buckets and self.center_crop), "--aspect_buckets with --center_crop: a "
+                "bucket keeps the whole image already; drop --center_crop or pass --no-aspect_buckets")
+        require(self.repeats >= 1, f"--repeats must be >= 1 (got {self.repeats})")
+        require(self.mask_dir is None or self.masked_loss, "--mask_dir only applies with --masked_loss")
+        require(self.mask_dir is None or Path(self.mask_dir).resolve() != Path(self.instance_data_dir).resolve(),
+                "--mask_dir is the instance folder: keep the masks (NAME.png) in a folder of their own")
+        require(0 <= self.mask_background_weight <= 1,
+                f"--mask_background_weight must be in [0, 1] (got {self.mask_background_weight})")
+        require(self.masked_loss or self.mask_background_weight == 0,
+                "--mask_background_weight only applies with --masked_loss")
+        require(0 <= self.caption_dropout_rate < 1,
+                f"--caption_dropout_rate must be in [0, 1) (got {self.caption_dropout_rate})")
+        require(0 < self.train_text_encoder_frac <= 1,
+                f"--train_text_encoder_frac must be in (0, 1] (got {self.train_text_encoder_frac})")
+        require(self.train_text_encoder or self.train_text_encoder_frac == 1,
+                "--train_text_encoder_frac only applies with --train_text_encoder")
+        require(0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:
         """The method config for ``component`` ("unet" or a text encoder)."""

@@ -1,4 +1,4 @@
-"""Subject and class images: loading, captions, per-step augmentation, batch order.
+"""Subject and class images: loading, captions and loss masks.
 
 Folder rules: every file with an image extension must open (a broken one stops the run with its
 name, and so does one under 32 px a side or over 64 megapixels); ``NAME.txt`` beside ``NAME.png``
@@ -6,13 +6,13 @@ is that image's caption; any other file is ignored and listed once in a warning.
 is applied; RGBA/LA/palette images are composited on white, grayscale and CMYK are converted to
 RGB, and 16-bit and float images are scaled to 8 bits.
 
-Randomness is a pure function of (seed, micro-batch, rank): which images a micro-batch holds,
-their crops and flips. A resumed run therefore draws exactly what the uninterrupted run drew.
+Masks (``--masked_loss``): ``--mask_dir/NAME.png`` beside each instance image name, or else
+the image's own alpha channel; white is subject. A mask of another size, unreadable or all black
+stops the run with its name.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +69,7 @@ def to_8bit_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
+def _open(path: Path, what: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             problem = size_problem(*im.size)  # from the header, before decoding a bomb
@@ -77,10 +77,43 @@ def load_image(path: Path) -> Image.Image:
                 im = ImageOps.exif_transpose(im)
                 im.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DreamBoothError(f"{path}: cannot read this image ({exc}); fix or remove the file") from None
+        raise DreamBoothError(f"{path}: cannot read this {what} ({exc}); fix or remove the file") from None
     if problem is not None:
         raise DreamBoothError(f"{path}: {problem}")
-    return to_8bit_rgb(im)
+    return im
+
+
+def alpha_of(im: Image.Image) -> Image.Image | None:
+    """The alpha channel (L) of an image that has one, else None."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return im.convert("RGBA").getchannel("A")
+    return None
+
+
+def read_image(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """(8-bit RGB composited on white, the alpha channel or None)."""
+    im = _open(path, "image")
+    return to_8bit_rgb(im), alpha_of(im)
+
+
+def load_image(path: Path) -> Image.Image:
+    return read_image(path)[0]
+
+
+def load_mask(path: Path, size: tuple[int, int], image: Path) -> Image.Image:
+    """A loss mask (L, white = subject) that must match its image's size and hold some subject."""
+    mask = to_8bit_rgb(_open(path, "mask")).convert("L")
+    if mask.size != size:
+        raise DreamBoothError(f"{path}: the mask is {mask.width}×{mask.height} but {image.name} is "
+                              f"{size[0]}×{size[1]}; save the mask at the image's size")
+    return _check_mask(mask, path)
+
+
+def _check_mask(mask: Image.Image, path: Path) -> Image.Image:
+    if mask.getextrema()[1] == 0:
+        raise DreamBoothError(f"{path}: the mask is all black (no subject): white marks the subject "
+                              "whose pixels the loss keeps; fix the mask or remove the image")
+    return mask
 
 
 @dataclass
@@ -88,6 +121,8 @@ class Example:
     path: Path
     prompt: str
     image: Image.Image
+    mask: Image.Image | None = None  # L, white = subject (masked loss); None weighs every pixel
+    alpha: Image.Image | None = None  # the file's own alpha channel, a mask source
 
 
 def scan_folder(folder: str | Path, prompt: str, flag: str) -> list[Example]:
@@ -113,66 +148,26 @@ def scan_folder(folder: str | Path, prompt: str, flag: str) -> list[Example]:
         except (UnicodeDecodeError, OSError) as exc:
             raise DreamBoothError(f"{caption}: cannot read this caption ({type(exc).__name__}); save it as "
                                   "UTF-8 text or remove it") from None
-        examples.append(Example(p, text or prompt, load_image(p)))
+        image, alpha = read_image(p)
+        examples.append(Example(p, text or prompt, image, alpha=alpha))
     return examples
 
 
-@dataclass
-class View:
-    """One augmented view: pixels in [-1, 1] (3, res, res) and SDXL's six conditioning numbers."""
-
-    pixels: torch.Tensor
-    time_ids: torch.Tensor
-    key: tuple | None  # identifies the view when it is deterministic (cacheable), else None
-
-
-def augment(image: Image.Image, resolution: int, center_crop: bool, flip: bool,
-            g: torch.Generator) -> View:
-    """Resize the short side to ``resolution``, maybe flip, crop; as diffusers' SDXL script does.
-
-    The conditioning is (original h, w, crop top, crop left, target h, target w), each image its own.
-    """
-    orig_h, orig_w = image.height, image.width
-    scale = resolution / min(orig_h, orig_w)
-    w, h = max(resolution, round(orig_w * scale)), max(resolution, round(orig_h * scale))
-    img = image.resize((w, h), Image.Resampling.BILINEAR)
-    if flip:
-        img = ImageOps.mirror(img)
-    if center_crop:
-        top, left = round((h - resolution) / 2), round((w - resolution) / 2)
-    else:
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=g))
-    img = img.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-    time_ids = torch.tensor([orig_h, orig_w, top, left, resolution, resolution], dtype=torch.float32)
-    deterministic = center_crop or (h == resolution and w == resolution)
-    return View(pixels, time_ids, (int(flip), top, left) if deterministic else None)
-
-
-class BatchPlan:
-    """Which instance (and class) images each micro-batch of each process holds.
-
-    The stream of instance positions is the concatenation of per-epoch permutations drawn from
-    the seed; micro-batch m of rank p takes positions m·G + p·B … + B-1 with G = B·world.
-    """
-
-    def __init__(self, n_instance: int, n_class: int, batch_size: int, world: int, seed: int):
-        self.n, self.n_class, self.b, self.world, self.seed = n_instance, n_class, batch_size, world, seed
-        self._perms: dict[int, list[int]] = {}
-
-    @property
-    def micro_batches_per_epoch(self) -> int:
-        return math.ceil(self.n / (self.b * self.world))
-
-    def _item(self, position: int) -> int:
-        epoch = position // self.n
-        if epoch not in self._perms:
-            self._perms[epoch] = torch.randperm(self.n, generator=generator(self.seed, 7, epoch)).tolist()
-        return self._perms[epoch][position % self.n]
-
-    def micro_batch(self, m: int, rank: int) -> list[tuple[int, int | None]]:
-        """[(instance index, class index or None)] for micro-batch ``m`` on ``rank``."""
-        start = m * self.b * self.world + rank * self.b
-        return [(self._item(p), p % self.n_class if self.n_class else None)
-                for p in range(start, start + self.b)]
+def attach_masks(examples: list[Example], mask_dir: str | None) -> list[Path]:
+    """Give each example its loss mask: ``mask_dir/NAME.png`` if given, else the image's alpha.
+    Returns the images left without a mask (they weigh every pixel); none found at all is an error."""
+    missing = []
+    for ex in examples:
+        if mask_dir is not None:
+            path = Path(mask_dir) / (ex.path.stem + ".png")
+            ex.mask = load_mask(path, ex.image.size, ex.path) if path.exists() else None
+        else:
+            ex.mask = _check_mask(ex.alpha, ex.path) if ex.alpha is not None else None
+        if ex.mask is None:
+            missing.append(ex.path)
+    if len(missing) == len(examples):
+        where = (f"no NAME.png in --mask_dir {mask_dir} matches an image name" if mask_dir is not None
+                 else "no instance image has an alpha channel")
+        raise DreamBoothError(f"--masked_loss: {where}; give masks with --mask_dir DIR (NAME.png, white = "
+                              "subject) or transparent PNGs")
+    return missing

@@ -46,12 +46,22 @@ def peak_memory_mb(device) -> float:
 
 def final_save(run, images: list[str]) -> dict:
     """Write every final file into the stage, then commit them into the output folder together;
-    returns the export report."""
+    returns the export report. With --use_ema every file holds the averaged weights, and
+    ``training_weights/`` the weights the optimizer left."""
     cfg, models, out = run.cfg, run.unwrapped(), Path(run.cfg.output_dir)
     staged = rundir.stage(out)
-    save_adapter(models, staged, extra_metadata={"base_model": cfg.pretrained_model_name_or_path,
-                                                 "instance_prompt": cfg.instance_prompt,
-                                                 "trained_steps": run.total_steps})
+    meta = {"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
+            "trained_steps": run.total_steps}
+    if run.ema is None:
+        return _write_final(run, models, staged, meta, images)
+    save_adapter(models, staged / "training_weights", extra_metadata={**meta, "weights": "training"})
+    with run.ema.swapped(models):
+        return _write_final(run, models, staged, {**meta, "weights": f"ema {cfg.ema_decay}"}, images)
+
+
+def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str]) -> dict:
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    save_adapter(models, staged, extra_metadata=meta)
     cfg.save(staged / "dreambooth_config.json")
     factors = factorize(models, rank=cfg.export_rank, energy=cfg.export_energy)
     report = export_diffusers(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)

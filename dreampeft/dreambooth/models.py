@@ -18,11 +18,13 @@ class SDXLParts:
     vae: object
     unet: object
     noise_scheduler: object  # DDPM, for training
+    force_zeros_for_empty_prompt: bool = True  # SDXL base's unconditional is zero embeddings
+    pixel_stride: int = 8  # a view's sides must be multiples of this (VAE factor × UNet downsampling)
 
 
-def _load(cls, path: str, flag: str, **kw):
+def _load(cls, path: str, flag: str, loader: str = "from_pretrained", **kw):
     try:
-        return cls.from_pretrained(path, **kw)
+        return getattr(cls, loader)(path, **kw)
     except (OSError, ValueError, EnvironmentError) as exc:
         hint = ("it is not a local folder, and the hub could not be reached or has no such model"
                 if not Path(path).exists() else "the folder is not a complete SDXL pipeline")
@@ -32,7 +34,7 @@ def _load(cls, path: str, flag: str, **kw):
 
 
 def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     path, flag, rev = cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cfg.revision
@@ -50,11 +52,14 @@ def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
         vae = _load(AutoencoderKL, path, flag, subfolder="vae", revision=rev)
     unet = _load(UNet2DConditionModel, path, flag, subfolder="unet", revision=rev)
     scheduler = _load(DDPMScheduler, path, flag, subfolder="scheduler", revision=rev)
+    index = _load(StableDiffusionXLPipeline, path, flag, revision=rev, loader="load_config")
+    stride = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
     for m in (*encoders, vae, unet):
         # Set, not assumed: transformers 5 loads a folder saved in fp16 as fp16 (diffusers as fp32),
         # and a mixed pipeline stops with a dtype mismatch. The run casts later as it asks.
         m.to(torch.float32).requires_grad_(False).eval()
-    return SDXLParts(tokenizers, encoders, vae, unet, scheduler)
+    return SDXLParts(tokenizers, encoders, vae, unet, scheduler,
+                     bool(index.get("force_zeros_for_empty_prompt", True)), stride)
 
 
 def tokenize(parts: SDXLParts, prompts: list[str]) -> list[torch.Tensor]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import inject
 from ..adapters import dash_step
@@ -27,12 +26,16 @@ from ..state import WEIGHTS_NAME
 from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
-from .data import BatchPlan, DreamBoothError, Example, augment, generator, scan_folder
+from .batch import compute_loss
+from .data import DreamBoothError, Example, attach_masks, generator, scan_folder
+from .ema import AdapterEMA
 from .events import EventLog
 from .finish import TrainResult, final_save, make_result, rank_checksums
 from .optim import OPTIMIZERS
-from .models import SDXLParts, build_pipeline, encode_prompts, load_parts, tokenize
+from .models import SDXLParts, build_pipeline, load_parts
 from .prior import generate_class_images
+from .trackers import Trackers, accelerator_kwargs
+from .views import BatchPlan, bucket_groups
 
 
 @dataclass
@@ -52,6 +55,10 @@ class Run:
     images: list = field(default_factory=list)  # the latest validation images
     validated_at: int | None = None  # and their step
     step_done: int = 0  # optimizer steps completed (resumed ones included)
+    ema: AdapterEMA | None = None
+    text_encoders_done: bool = False  # --train_text_encoder_frac reached: their adapters are fixed
+    buckets: list = field(default_factory=list)  # the sizes in use (one: square at --resolution)
+    trackers: Trackers | None = None
 
     @property
     def device(self):
@@ -59,6 +66,15 @@ class Run:
 
     def unwrapped(self) -> dict:
         return {name: self.acc.unwrap_model(m) for name, m in self.trained.items()}
+
+    def averaged(self):
+        """Inside the block the adapters hold the EMA weights when --use_ema is on."""
+        return self.ema.swapped(self.unwrapped()) if self.ema else contextlib.nullcontext()
+
+    @property
+    def text_encoder_stop(self) -> int:
+        """The step from which text-encoder adapters are fixed (--train_text_encoder_frac)."""
+        return math.ceil(self.cfg.train_text_encoder_frac * self.total_steps)
 
 
 def make_accelerator(cfg: DreamBoothConfig):
@@ -73,13 +89,18 @@ def make_accelerator(cfg: DreamBoothConfig):
     # (the demo, comparisons) may want another precision. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], **accelerator_kwargs(cfg))
 
 
 def setup(cfg: DreamBoothConfig, acc) -> Run:
     from diffusers.optimization import get_scheduler
 
     instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, "--instance_data_dir")
+    if cfg.masked_loss:
+        unmasked = attach_masks(instance, cfg.mask_dir)
+        if unmasked and acc.is_main_process:
+            print(f"note: --masked_loss: {len(unmasked)} image(s) have no mask and weigh every pixel: "
+                  f"{', '.join(p.name for p in unmasked[:5])}", file=sys.stderr)
     parts = load_parts(cfg)
     klass = []
     if cfg.with_prior_preservation:
@@ -111,7 +132,9 @@ def setup(cfg: DreamBoothConfig, acc) -> Run:
                "lr": cfg.learning_rate if name == "unet" else (cfg.text_encoder_lr or cfg.learning_rate)}
               for name, m in trained.items()]
     run = Run(cfg, acc, parts, trained, instance=instance, klass=klass)
-    run.plan = BatchPlan(len(instance), len(klass), cfg.train_batch_size, acc.num_processes, cfg.seed)
+    by_size = bucket_groups(cfg, [ex.image.size for ex in instance], parts.pixel_stride)
+    run.buckets = sorted(by_size)
+    run.plan = BatchPlan(by_size, len(klass), cfg.train_batch_size, acc.num_processes, cfg.seed, cfg.repeats)
     per_epoch = math.ceil(run.plan.micro_batches_per_epoch / cfg.gradient_accumulation_steps)
     run.total_steps = cfg.max_train_steps or cfg.num_train_epochs * per_epoch
     optimizer = OPTIMIZERS[cfg.optimizer](cfg, groups)
@@ -121,6 +144,8 @@ def setup(cfg: DreamBoothConfig, acc) -> Run:
     prepared = acc.prepare(*[trained[n] for n in names], optimizer, scheduler)
     run.trained = dict(zip(names, prepared[: len(names)]))
     run.optimizer, run.lr_scheduler = prepared[len(names):]
+    if cfg.use_ema:
+        run.ema = AdapterEMA(run.unwrapped(), cfg.ema_decay)
     return run
 
 
@@ -136,91 +161,15 @@ def _inject(cfg: DreamBoothConfig, model, component: str) -> None:
 
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-INSTANCE, CLASS, FRESH = 0, 1, 2  # integer tags: view keys must hash the same in every process
-
-
-@torch.no_grad()
-def _encode_view(run: Run, pixels: torch.Tensor, key: tuple[int, ...], cache: bool) -> torch.Tensor:
-    """VAE latent of one view. The posterior sample is drawn from a generator keyed by the view,
-    so a cached latent is exactly what encoding again would give."""
-    if cache and key in run.latents:
-        return run.latents[key]
-    vae = run.parts.vae
-    dist = vae.encode(pixels[None].to(run.device, vae.dtype)).latent_dist
-    noise = torch.randn(dist.mean.shape, generator=generator(run.cfg.seed, 11, *key)).to(run.device)
-    latent = (dist.mean + dist.std * noise) * vae.config.scaling_factor
-    if cache:
-        run.latents[key] = latent
-    return latent
-
-
-def batch_inputs(run: Run, micro: int, g: torch.Generator):
-    """Latents, prompt embeddings, pooled embeddings and time ids of one micro-batch (instance
-    examples first, then their class examples)."""
-    cfg, pairs = run.cfg, run.plan.micro_batch(micro, run.acc.process_index)
-    chosen = [(INSTANCE, i, run.instance[i]) for i, _ in pairs]
-    chosen += [(CLASS, c, run.klass[c]) for _, c in pairs if c is not None]
-    latents, time_ids, prompts = [], [], []
-    for role, idx, ex in chosen:
-        flip = cfg.random_flip and bool(torch.rand(1, generator=g) < 0.5)
-        view = augment(ex.image, cfg.resolution, cfg.center_crop, flip, g)
-        if view.key is not None:  # deterministic view: encoded once, then cached
-            latents.append(_encode_view(run, view.pixels, (role, idx, *view.key), cache=True))
-        else:  # a random crop is a fresh view every time
-            latents.append(_encode_view(run, view.pixels, (FRESH, role, idx, micro), cache=False))
-        time_ids.append(view.time_ids)
-        prompts.append(ex.prompt)
-    embeds, pooled = _prompt_embeddings(run, prompts)
-    return torch.cat(latents), embeds, pooled, torch.stack(time_ids).to(run.device)
-
-
-def _prompt_embeddings(run: Run, prompts: list[str]):
-    if run.cfg.train_text_encoder:
-        ids = tokenize(run.parts, prompts)
-        encoders = [run.trained["text_encoder"], run.trained["text_encoder_2"]]
-        return encode_prompts(encoders, ids, run.device)
-    for p in set(prompts) - run.prompts.keys():
-        with torch.no_grad():
-            run.prompts[p] = encode_prompts(run.parts.text_encoders, tokenize(run.parts, [p]), run.device)
-    embeds, pooled = zip(*(run.prompts[p] for p in prompts))
-    return torch.cat(embeds), torch.cat(pooled)
-
-
-def compute_loss(run: Run, micro: int) -> torch.Tensor:
-    cfg, sched = run.cfg, run.parts.noise_scheduler
-    g = generator(cfg.seed, micro, run.acc.process_index)
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))  # adapter dropout, exactly
-    latents, embeds, pooled, time_ids = batch_inputs(run, micro, g)
-    noise = torch.randn(latents.shape, generator=g)
-    if cfg.noise_offset:
-        noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    noise = noise.to(run.device)
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=g).to(run.device)
-    noisy = sched.add_noise(latents, noise, t)
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    unet_dtype = run.parts.unet.dtype
-    with run.acc.autocast():
-        pred = run.trained["unet"](noisy.to(unet_dtype), t, embeds.to(unet_dtype), added_cond_kwargs={
-            "text_embeds": pooled.to(unet_dtype), "time_ids": time_ids.to(unet_dtype)}).sample
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(sched, t)  # min-SNR-γ (Hang et al. 2023), as diffusers weights it
-        denominator = snr if sched.config.prediction_type == "epsilon" else snr + 1
-        per_example = per_example * torch.clamp(snr, max=cfg.snr_gamma) / denominator
-    if not run.klass:
-        return per_example.mean()
-    inst, prior = per_example.chunk(2)
-    return inst.mean() + cfg.prior_loss_weight * prior.mean()
 
 
 def _rng_devices(run: Run) -> list:
     return [run.device] if run.device.type == "cuda" else []
 
 
-def train_step(run: Run, step: int) -> float:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss."""
+def train_step(run: Run, step: int) -> tuple[float, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns the mean loss
+    and the gradient norm before clipping."""
     accum, total = run.cfg.gradient_accumulation_steps, torch.zeros((), device=run.device)
     for k in range(accum):
         with contextlib.ExitStack() as stack:
@@ -232,13 +181,17 @@ def train_step(run: Run, step: int) -> float:
             loss = compute_loss(run, step * accum + k)
             run.acc.backward(loss / accum)
         total += loss.detach() / accum
+    params = [p for group in run.optimizer.param_groups for p in group["params"] if p.grad is not None]
     if run.cfg.max_grad_norm > 0:
-        params = [p for group in run.optimizer.param_groups for p in group["params"]]
-        run.acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
+        norm = run.acc.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    else:  # gradients are all-reduced already: every process measures the same norm
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     run.optimizer.step()
     run.lr_scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return run.acc.reduce(total, reduction="mean").item()  # the loss of all processes
+    if run.ema is not None:
+        run.ema.update(run.unwrapped())
+    return run.acc.reduce(total, reduction="mean").item(), float(norm)  # the loss of all processes
 
 
 @torch.no_grad()
@@ -250,8 +203,8 @@ def validate(run: Run, step: int, events: EventLog) -> list[str]:
     out = Path(cfg.output_dir) / "validation"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(cfg.num_validation_images):
-        with run.acc.autocast(), inject.eval_mode(*models.values()):  # no adapter dropout in samples
+    for i in range(cfg.num_validation_images):  # EMA weights with --use_ema; no adapter dropout
+        with run.averaged(), run.acc.autocast(), inject.eval_mode(*models.values()):
             image = pipe(cfg.validation_prompt, num_inference_steps=cfg.inference_steps,
                          height=cfg.resolution, width=cfg.resolution,
                          generator=torch.Generator().manual_seed(cfg.seed + i)).images[0]
@@ -259,6 +212,8 @@ def validate(run: Run, step: int, events: EventLog) -> list[str]:
         image.save(path)
         paths.append(str(path))
     events.emit("validation", step=step, images=paths, prompt=cfg.validation_prompt)
+    if run.trackers:
+        run.trackers.images(paths, step, cfg.validation_prompt)
     run.images, run.validated_at = paths, step
     return paths
 
@@ -268,7 +223,8 @@ def _checkpoint(run: Run, step: int, events: EventLog) -> None:
     if run.acc.is_main_process:
         path = save_checkpoint(Path(run.cfg.output_dir), step, run.unwrapped(), run.optimizer,
                                run.lr_scheduler, run.acc.scaler, json.dumps(run.cfg.to_dict(), indent=2),
-                               run.cfg.checkpoints_total_limit)
+                               run.cfg.checkpoints_total_limit,
+                               extra_state={"ema": run.ema.state_dict()} if run.ema else None)
         events.emit("checkpoint", step=step, path=str(path))
     run.acc.wait_for_everyone()
 
@@ -287,7 +243,14 @@ def _resume(run: Run) -> int:
                   file=sys.stderr)
         return 0
     rundir.check_resume_config(path, cfg.to_dict())
-    return load_checkpoint(path, run.unwrapped(), run.optimizer, run.lr_scheduler, run.acc.scaler)
+    step, extra = load_checkpoint(path, run.unwrapped(), run.optimizer, run.lr_scheduler, run.acc.scaler)
+    if run.ema is not None:
+        try:
+            run.ema.load_state_dict(extra["ema"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DreamBoothError(f"{path}: the checkpoint holds no usable EMA state ({exc}); resume from "
+                                  "another checkpoint or start over with --overwrite_output_dir") from None
+    return step
 
 
 def _due(every: int, step: int) -> bool:
@@ -322,6 +285,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         if acc.is_main_process:
             lock = rundir.claim(out, cfg.overwrite_output_dir, bool(cfg.resume_from_checkpoint))
         run = setup(cfg, acc)
+        run.trackers = Trackers(cfg, acc)
         run.step_done = _resume(run)
         events.emit("start", total_steps=run.total_steps, start_step=run.step_done, adapter=cfg.adapter,
                     trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
@@ -332,6 +296,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         if acc.is_main_process:
             images = run.images if run.validated_at == run.total_steps else (
                 validate(run, run.total_steps, events) if cfg.validation_prompt else [])
+            # with --use_ema the exports hold the average; final_save keeps the training weights too
             report = final_save(run, images)
             result = make_result(run, images, report, step_seconds, checksums)
             events.emit("done", output_dir=str(out), adapter=str(result.adapter), images=images,
@@ -352,6 +317,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         events.emit("error", message=str(exc), kind=type(exc).__name__)
         raise
     finally:
+        if run is not None and run.trackers:
+            run.trackers.end()
         events.close()
         if lock is not None:
             lock.close()
@@ -366,20 +333,33 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
     bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
     with bar:  # closed (its line ended) before any error line is printed
         for step in range(start, run.total_steps):
+            if cfg.train_text_encoder and step >= run.text_encoder_stop and not run.text_encoders_done:
+                fix_text_encoders(run)
             t0 = time.perf_counter()
-            loss = train_step(run, step)
+            loss, grad_norm = train_step(run, step)
             seconds.append(time.perf_counter() - t0)
             done = run.step_done = step + 1
             launched = [n for m in run.unwrapped().values() for n in dash_step(m, done)]
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update()
-            events.emit("step", step=done, loss=loss, lr=lr, **({"dash_launched": len(launched)} if launched else {}))
+            events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm,
+                        **({"dash_launched": len(launched)} if launched else {}))
+            run.trackers.log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": seconds[-1]}, done)
             if _due(cfg.checkpointing_steps, done) and done < run.total_steps:
                 _checkpoint(run, done, events)
             if cfg.validation_prompt and _due(cfg.validation_steps, done) and acc.is_main_process:
                 validate(run, done, events)
     return seconds
+
+
+def fix_text_encoders(run: Run) -> None:
+    """--train_text_encoder_frac reached: the text-encoder adapters keep their weights from here on
+    (no gradient, so the optimizer skips them; eval mode, no dropout) and prompt embeddings are cached."""
+    for name in ("text_encoder", "text_encoder_2"):
+        run.unwrapped()[name].eval()
+    run.text_encoders_done = True
+    run.prompts.clear()
 
 
 def _last_checkpoint(out: Path) -> str | None:
