@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,8 +117,10 @@ def trained_app(tiny_sdxl, eval_models, tmp_path_factory):
               clip_model=str(eval_models[1]))
     values = [s.default for s in app.specs]
     lrs = [{"fourierft": 1e-1}.get(m, 1e-2) for m in METHODS]  # one per registered method, in order
+    run_values = [{"use_ema": True, "caption_dropout_rate": 0.1, "aspect_buckets": "off"}.get(s.name, s.default)
+                  for s in app.run_specs]  # the trainer options reach the runs
     message = app.train(str(tiny_sdxl), SUBJECT, "a photo of sks star", "star", ["lora", "fourierft"],
-                        4, 64, 0, 2, *lrs, *values)
+                        4, 64, 0, 2, *lrs, *values, *run_values)
     assert message.startswith("Queued lora (run 1), fourierft (run 2)")
     assert app.queue.wait(180)
     return app
@@ -132,6 +136,10 @@ def test_app_trains_validates_and_offers_downloads(trained_app):
     names = zipfile.ZipFile(downloads[0]).namelist()
     assert any(n.endswith("pytorch_lora_weights.safetensors") for n in names)
     assert any(n.endswith("dreampeft_adapter.safetensors") for n in names)
+    for job in trained_app.queue.jobs:  # the Training options accordion's values were used
+        saved = json.loads((Path(job.cfg.output_dir) / "dreambooth_config.json").read_text())
+        assert (saved["use_ema"], saved["caption_dropout_rate"], saved["aspect_buckets"]) == (True, 0.1, False)
+        assert (Path(job.cfg.output_dir) / "training_weights").is_dir()
 
 
 def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):

@@ -4,6 +4,7 @@ staying exact with all of them on."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,28 @@ def test_wandb_offline_needs_no_account(tiny_sdxl, instance_dir, tmp_path, monke
     assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, out, "--report_to", "wandb")) == 0
     runs = list((tmp_path / "wandb-home").rglob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for r in runs for p in r.iterdir())
+
+
+def test_kohya_file_carries_what_community_tools_read(tiny_sdxl, tmp_path):
+    from safetensors import safe_open
+
+    from dreampeft.dreambooth.metadata import tensor_hash
+
+    data = _subject(tmp_path / "data", [(64, 64), (100, 60)])
+    (data / "img0.txt").write_text("a photo of sks toy, red, ball")
+    out = tmp_path / "out"
+    assert train_dreambooth.main(base_args(tiny_sdxl, data, out, "--extra_exports", "kohya", "--repeats", "3",
+                                           "--use_ema")) == 0
+    path = out / "pytorch_lora_weights_kohya.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "4"
+    assert meta["ss_network_alpha"] == "4" and meta["ss_steps"] == "3" and meta["ss_enable_bucket"] == "True"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.trigger_phrase"] == "a photo of sks toy"
+    tags = json.loads(meta["ss_tag_frequency"])["3_data"]  # kohya's "repeats_folder" key
+    assert tags == {"a photo of sks toy": 2, "red": 1, "ball": 1}
+    assert meta["sshs_model_hash"] == tensor_hash(path)
+    card = (out / "README.md").read_text()
+    assert "Aspect buckets: " in card and "exponential moving average (decay 0.999)" in card
+    assert card.startswith("---\nbase_model: ") and 'instance_prompt: "a photo of sks toy"' in card

@@ -83,28 +83,45 @@ class OptionSpec:
     optional: bool = False  # None is allowed (blank number → the method's default rule)
 
 
+def field_specs(cls, owner: str, names: list[str] | None = None, skip: set = frozenset()) -> list[OptionSpec]:
+    """Form controls for the fields of a config dataclass (``names`` in that order, or all)."""
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    specs = []
+    for name in names or [n for n in fields if n not in skip]:
+        f, hint, optional = fields[name], hints[name], False
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint, optional = args[0], True
+        if typing.get_origin(hint) is typing.Literal:
+            kind, choices = "choice", typing.get_args(hint)
+        else:
+            kind, choices = {bool: "bool", int: "int", float: "float"}[hint], ()
+        specs.append(OptionSpec(owner, f.name, kind, f.default, f.metadata.get("help", ""), choices, optional))
+    return specs
+
+
 def option_specs(methods: list[str] | None = None) -> list[OptionSpec]:
     """Every option of ``methods`` (default: all, registry order), in that order, except targeting
     (the app trains the standard attention targets)."""
     skip = {f.name for f in dataclasses.fields(AdapterConfig)}
-    specs = []
-    for method in methods or list(METHODS):
-        entry = METHODS[method]
-        hints = typing.get_type_hints(entry.config_cls)
-        for f in dataclasses.fields(entry.config_cls):
-            if f.name in skip:
-                continue
-            hint, optional = hints[f.name], False
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            if typing.get_origin(hint) in (typing.Union, types.UnionType):
-                hint, optional = args[0], True
-            if typing.get_origin(hint) is typing.Literal:
-                kind, choices = "choice", typing.get_args(hint)
-            else:
-                kind, choices = {bool: "bool", int: "int", float: "float"}[hint], ()
-            specs.append(OptionSpec(method, f.name, kind, f.default, f.metadata.get("help", ""),
-                                    choices, optional))
-    return specs
+    return [s for m in methods or list(METHODS) for s in field_specs(METHODS[m].config_cls, m, skip=skip)]
+
+
+# The trainer options the app offers (each a DreamBoothConfig field; masks come from the images'
+# alpha channels, as the app has no mask upload).
+RUN_OPTIONS = ["aspect_buckets", "random_flip", "repeats", "masked_loss", "mask_background_weight",
+               "caption_dropout_rate", "use_ema", "ema_decay", "train_text_encoder", "train_text_encoder_frac",
+               "snr_gamma", "gradient_accumulation_steps"]
+RUN = "run"  # the owner of trainer options in OptionSpec.method
+
+
+def run_option_specs() -> list[OptionSpec]:
+    from ..dreambooth import DreamBoothConfig
+
+    return field_specs(DreamBoothConfig, RUN, RUN_OPTIONS)
+
+
+TRISTATE = {"auto": None, "on": True, "off": False}  # an optional bool: None means "decide from the data"
 
 
 def options_from_values(specs: list[OptionSpec], values: list, method: str) -> dict:
@@ -113,7 +130,9 @@ def options_from_values(specs: list[OptionSpec], values: list, method: str) -> d
     for spec, value in zip(specs, values):
         if spec.method != method or value is None or value == "":
             continue
-        if spec.kind == "int":
+        if spec.kind == "bool" and spec.optional:
+            value = TRISTATE[value] if value in TRISTATE else bool(value)
+        elif spec.kind == "int":
             value = int(value)
         elif spec.kind == "float":
             value = float(value)

@@ -16,7 +16,8 @@ from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
 from ..dreambooth.config import MAX_RESOLUTION
 from ..eval import EvalError
-from .forms import IMAGE_SUFFIXES, UploadError, check_uploads, option_specs, options_from_values, stage_uploads
+from .forms import (IMAGE_SUFFIXES, RUN, TRISTATE, UploadError, check_uploads, option_specs, options_from_values,
+                    run_option_specs, stage_uploads)
 from .jobs import JobQueue
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
@@ -64,6 +65,7 @@ class App:
         self.queue = queue or JobQueue()
         self.studio = Studio(self.work_dir, dino_model or DEFAULT_DINO, clip_model or DEFAULT_CLIP)
         self.specs = option_specs(list(METHODS))  # the order the widgets are laid out in
+        self.run_specs = run_option_specs()
         self._defaults = preset_defaults(model) or preset_defaults("")
 
     # -- training ---------------------------------------------------------------------------
@@ -71,7 +73,8 @@ class App:
               methods: list[str], steps: int, resolution: int, seed: int, validate_every: int,
               *option_values) -> str:
         """Validate everything, then queue one run per method; returns a message for the UI."""
-        lrs, values = option_values[:len(METHODS)], option_values[len(METHODS):]
+        lrs, values = option_values[:len(METHODS)], option_values[len(METHODS):len(METHODS) + len(self.specs)]
+        run_values = option_values[len(METHODS) + len(self.specs):]
         try:
             if not methods:
                 raise ConfigError("choose at least one method to train")
@@ -82,9 +85,10 @@ class App:
             path = resolve_model(model, self.work_dir)
             data = stage_uploads(check_uploads(files), self.work_dir / "uploads")
             prompt = instance_prompt.strip() or f"a photo of sks {class_word.strip() or 'object'}"
+            run_options = options_from_values(self.run_specs, run_values, RUN)
             configs = [self._config(path, data, prompt, m, int(steps), int(resolution), int(seed),
                                     int(validate_every), float(lrs[list(METHODS).index(m)]),
-                                    options_from_values(self.specs, values, m)) for m in methods]
+                                    options_from_values(self.specs, values, m), run_options) for m in methods]
         except (ConfigError, UploadError, ModelError, DreamBoothError, ValueError) as exc:
             return f"**Cannot start:** {exc}"
         for cfg in configs:  # each its own folder, made now: two clicks in one second never share one
@@ -96,13 +100,13 @@ class App:
         return f"Queued {', '.join(f'{j.method} (run {j.id})' for j in jobs)} on `{model}`."
 
     def _config(self, model: str, data: Path, prompt: str, method: str, steps: int, resolution: int,
-                seed: int, validate_every: int, lr: float, options: dict) -> DreamBoothConfig:
+                seed: int, validate_every: int, lr: float, options: dict, run_options: dict) -> DreamBoothConfig:
         return DreamBoothConfig(  # output_dir and events are set when the run is queued
             pretrained_model_name_or_path=model, instance_data_dir=str(data), instance_prompt=prompt,
             adapter=method, adapter_options=options,
             max_train_steps=steps, resolution=resolution, seed=seed, learning_rate=lr,
             validation_prompt=prompt, num_validation_images=1, validation_steps=validate_every,
-            inference_steps=10 if resolution <= 128 else 25)
+            inference_steps=10 if resolution <= 128 else 25, **run_options)
 
     def stop(self) -> str:
         n = self.queue.stop_all()
@@ -199,7 +203,8 @@ class App:
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
             gr.Timer(1.0).tick(self.progress, None, [jobs, samples, downloads])
-            preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:]]  # lrs, then options
+            # resolution ×2, learning rates, method options (the trainer options keep what was set)
+            preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:len(train_inputs) - len(self.run_specs)]]
             model.change(lambda m: preset_defaults(m) or (gr.skip(),) * len(preset_widgets), model,
                          preset_widgets)
         return demo
@@ -226,15 +231,20 @@ class App:
                     lrs.append(gr.Number(self._defaults[2 + len(lrs)], label="learning rate"))
                     values += [self._control(gr, s, self._defaults[2 + len(METHODS) + i])
                                for i, s in enumerate(self.specs) if s.method == method]
+        with gr.Accordion("Training options", open=False):
+            run_values = [self._control(gr, s, s.default) for s in self.run_specs]
         with gr.Row():
             train_btn = gr.Button("Train", variant="primary", elem_id="train")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
         message = gr.Markdown(elem_id="train_message")
-        inputs = [model, files, prompt, class_word, methods, steps, resolution, seed, every, *lrs, *values]
+        inputs = [model, files, prompt, class_word, methods, steps, resolution, seed, every, *lrs, *values, *run_values]
         return inputs, train_btn, stop_btn, message
 
     @staticmethod
     def _control(gr, spec, value):
+        if spec.kind == "bool" and spec.optional:  # None: the trainer decides from the data
+            return gr.Radio(list(TRISTATE), value=next(k for k, v in TRISTATE.items() if v == value),
+                            label=spec.name, info=spec.help)
         if spec.kind == "bool":
             return gr.Checkbox(value, label=spec.name, info=spec.help)
         if spec.kind == "choice":

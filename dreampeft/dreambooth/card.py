@@ -13,8 +13,27 @@ def _size(path: Path) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _training_lines(cfg: DreamBoothConfig, buckets: list) -> list[str]:
+    lines = []
+    if len(buckets) > 1:
+        lines.append("- Aspect buckets: " + ", ".join(f"{w}×{h}" for w, h in buckets))
+    if cfg.masked_loss:
+        lines.append(f"- Masked loss ({'masks from ' + cfg.mask_dir if cfg.mask_dir else 'alpha channels'}; "
+                     f"background weight {cfg.mask_background_weight})")
+    if cfg.caption_dropout_rate:
+        lines.append(f"- Caption dropout {cfg.caption_dropout_rate}")
+    if cfg.repeats > 1:
+        lines.append(f"- Each image {cfg.repeats}× per epoch")
+    if cfg.train_text_encoder and cfg.train_text_encoder_frac < 1:
+        lines.append(f"- Text-encoder adapters trained for the first {cfg.train_text_encoder_frac:.0%} of the steps")
+    if cfg.use_ema:
+        lines.append(f"- Weights: exponential moving average (decay {cfg.ema_decay}); the optimizer's own "
+                     "weights are in `training_weights/`")
+    return lines
+
+
 def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: int, report: dict,
-                     images: list[str], run_dir: Path | None = None) -> Path:
+                     images: list[str], run_dir: Path | None = None, buckets: list | None = None) -> Path:
     """``out/README.md``; image links are relative to ``run_dir`` (default ``out``), where the card
     will finally live."""
     run_dir = run_dir or out
@@ -38,7 +57,8 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         f"- Trigger prompt: `{cfg.instance_prompt}`",
         f"- Base model: `{cfg.pretrained_model_name_or_path}`",
         f"- Resolution {cfg.resolution}, learning rate {cfg.learning_rate}, seed {cfg.seed}"
-        + (f", prior preservation with `{cfg.class_prompt}`" if cfg.with_prior_preservation else ""), "",
+        + (f", prior preservation with `{cfg.class_prompt}`" if cfg.with_prior_preservation else ""),
+        *_training_lines(cfg, buckets or []), "",
         "## Files", "", *[f"- `{p.name}` ({_size(p)})" for p in files], "",
         "## Export to the diffusers LoRA format", "",
         "| component | method | export | ranks | overall rel. error | worst layer |", "|---|---|---|---|---:|---:|",

@@ -13,6 +13,7 @@ from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_m
 from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card
+from .metadata import add_metadata, kohya_metadata
 
 
 @dataclass
@@ -67,13 +68,14 @@ def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str])
     report = export_diffusers(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
     (staged / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
     if "kohya" in cfg.extra_exports:
-        export_kohya(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
+        kohya = export_kohya(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
+        add_metadata(kohya, kohya_metadata(run))
     if "peft" in cfg.extra_exports:
         export_peft(models, staged / "peft", base_model=cfg.pretrained_model_name_or_path)
     if "merged" in cfg.extra_exports:
         export_merged(cfg.pretrained_model_name_or_path, staged, staged / "merged")
     trainable = sum(inject.trainable_parameter_count(m) for m in models.values())
-    write_model_card(staged, cfg, trainable, run.total_steps, report, images, run_dir=out)
+    write_model_card(staged, cfg, trainable, run.total_steps, report, images, run_dir=out, buckets=run.buckets)
     rundir.commit(out)
     return report
 
