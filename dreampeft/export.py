@@ -290,13 +290,14 @@ def save_merged(pipe, components: dict, out_dir: str | Path, scale: float = 1.0)
 
 
 def _load_components(base_model: str, adapter: str | Path):
-    """(pipeline, {component: model with the adapter loaded})."""
-    from diffusers import StableDiffusionXLPipeline
-
+    """(pipeline, {component: model with the adapter loaded}); a single-file base reads the configs
+    the run used (saved in the manifest)."""
+    from .single_file import load_pipeline
     from .state import load_adapter, read_manifest
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(base_model, torch_dtype=torch.float32)  # fp16 folders too
-    components = {c: getattr(pipe, c) for c in read_manifest(adapter)[1]["components"]}
+    manifest = read_manifest(adapter)[1]
+    pipe = load_pipeline(base_model, manifest.get("single_file_config"), torch_dtype=torch.float32)  # fp16 too
+    components = {c: getattr(pipe, c) for c in manifest["components"]}
     load_adapter(components, adapter)
     return pipe, components
 

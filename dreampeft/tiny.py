@@ -50,8 +50,9 @@ UNET_SIZES = {
 }
 
 
-def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
-    """A StableDiffusionXLPipeline with random weights, deterministic from ``seed``."""
+def build_tiny_sdxl(seed: int = 0, size: str = "tiny", te2_hidden: int = TE2_HIDDEN):
+    """A StableDiffusionXLPipeline with random weights, deterministic from ``seed``. (``te2_hidden``
+    other than the first encoder's width makes the two encoders tell apart as SDXL's do.)"""
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -60,7 +61,7 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8, use_linear_projection=True,
         **UNET_SIZES[size],
-        cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
+        cross_attention_dim=TE1_HIDDEN + te2_hidden,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ,
     )
@@ -70,7 +71,7 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     )
     text_encoder = CLIPTextModel(_clip_config(TE1_HIDDEN))
-    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(TE2_HIDDEN, TE2_PROJ))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(te2_hidden, TE2_PROJ))
     tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     tokenizer_2 = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
     scheduler = EulerDiscreteScheduler(
@@ -83,9 +84,9 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
     )
 
 
-def save_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
+def save_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: str = "tiny", te2_hidden: int = TE2_HIDDEN) -> Path:
     out = Path(out_dir)
-    build_tiny_sdxl(seed, size).save_pretrained(out)
+    build_tiny_sdxl(seed, size, te2_hidden).save_pretrained(out)
     return out
 
 

@@ -23,7 +23,10 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 @dataclass
 class DreamBoothConfig:
     # -- inputs
-    pretrained_model_name_or_path: str = option("", "hub id or local folder of an SDXL pipeline")
+    pretrained_model_name_or_path: str = option("", "hub id or local folder of an SDXL pipeline, or one SDXL "
+                                                ".safetensors file in the SGM layout (community fine-tunes)")
+    single_file_config: str | None = option(None, "for a .safetensors model: folder or hub id of the pipeline "
+                                            "configs (default: SDXL base's, shipped with dreampeft)")
     pretrained_vae_model_name_or_path: str | None = option(None, "optional replacement VAE (hub id or folder)")
     revision: str | None = option(None, "hub revision of the model")
     instance_data_dir: str = option("", "folder of subject images (optional NAME.txt caption beside NAME.png)")
@@ -165,6 +168,8 @@ class DreamBoothConfig:
                 f"--train_text_encoder_frac must be in (0, 1] (got {self.train_text_encoder_frac})")
         require(self.train_text_encoder or self.train_text_encoder_frac == 1,
                 "--train_text_encoder_frac only applies with --train_text_encoder")
+        require(self.single_file_config is None or self.pretrained_model_name_or_path.endswith(".safetensors"),
+                "--single_file_config only applies when --pretrained_model_name_or_path is a .safetensors file")
         require(0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:

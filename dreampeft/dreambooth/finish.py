@@ -52,7 +52,8 @@ def final_save(run, images: list[str]) -> dict:
     cfg, models, out = run.cfg, run.unwrapped(), Path(run.cfg.output_dir)
     staged = rundir.stage(out)
     meta = {"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
-            "trained_steps": run.total_steps}
+            "trained_steps": run.total_steps,
+            **({"single_file_config": cfg.single_file_config} if cfg.single_file_config else {})}
     if run.ema is None:
         return _write_final(run, models, staged, meta, images)
     save_adapter(models, staged / "training_weights", extra_metadata={**meta, "weights": "training"})

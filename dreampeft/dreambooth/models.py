@@ -20,6 +20,7 @@ class SDXLParts:
     noise_scheduler: object  # DDPM, for training
     force_zeros_for_empty_prompt: bool = True  # SDXL base's unconditional is zero embeddings
     pixel_stride: int = 8  # a view's sides must be multiples of this (VAE factor × UNet downsampling)
+    inference_scheduler: object = None  # a single file's; folders and hub ids read theirs when sampling
 
 
 def _load(cls, path: str, flag: str, loader: str = "from_pretrained", **kw):
@@ -37,7 +38,11 @@ def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
+    from ..single_file import is_single_file
+
     path, flag, rev = cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path", cfg.revision
+    if is_single_file(path):
+        return _load_single_file(cfg)
     local = Path(path)
     if (path.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").exists():
         what = "does not exist" if not local.exists() else "has no model_index.json"
@@ -53,13 +58,43 @@ def load_parts(cfg: DreamBoothConfig) -> SDXLParts:
     unet = _load(UNet2DConditionModel, path, flag, subfolder="unet", revision=rev)
     scheduler = _load(DDPMScheduler, path, flag, subfolder="scheduler", revision=rev)
     index = _load(StableDiffusionXLPipeline, path, flag, revision=rev, loader="load_config")
-    stride = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
-    for m in (*encoders, vae, unet):
+    return _finish(SDXLParts(tokenizers, encoders, vae, unet, scheduler,
+                             bool(index.get("force_zeros_for_empty_prompt", True))))
+
+
+def _load_single_file(cfg: DreamBoothConfig) -> SDXLParts:
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from ..single_file import load_single_file
+
+    path, flag = cfg.pretrained_model_name_or_path, "--pretrained_model_name_or_path"
+    if not Path(path).is_file():
+        raise DreamBoothError(f"{flag} {path}: no such file; pass an SDXL .safetensors file, a pipeline folder "
+                              "or a hub id")
+    try:
+        pipe = load_single_file(path, cfg.single_file_config)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DreamBoothError(f"{flag} {path}: cannot load it as a single-file SDXL model with the configs of "
+                              f"--single_file_config {cfg.single_file_config or '(SDXL base)'} ({first})") from None
+    vae = (_load(AutoencoderKL, cfg.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
+           if cfg.pretrained_vae_model_name_or_path else pipe.vae)
+    return _finish(SDXLParts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], vae,
+                             pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config),
+                             bool(pipe.config.force_zeros_for_empty_prompt), inference_scheduler=pipe.scheduler))
+
+
+def _finish(parts: SDXLParts) -> SDXLParts:
+    vae, unet = parts.vae, parts.unet
+    parts.pixel_stride = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+    for m in (*parts.text_encoders, vae, unet):
         # Set, not assumed: transformers 5 loads a folder saved in fp16 as fp16 (diffusers as fp32),
         # and a mixed pipeline stops with a dtype mismatch. The run casts later as it asks.
         m.to(torch.float32).requires_grad_(False).eval()
-    return SDXLParts(tokenizers, encoders, vae, unet, scheduler,
-                     bool(index.get("force_zeros_for_empty_prompt", True)), stride)
+        with torch.no_grad():  # own, aligned storage: a weight memory-mapped at an odd offset takes
+            for p in m.parameters():  # other matmul kernels, and a file and a folder would differ in the last bit
+                p.data = p.data.clone()
+    return parts
 
 
 def tokenize(parts: SDXLParts, prompts: list[str]) -> list[torch.Tensor]:
@@ -82,6 +117,13 @@ def build_pipeline(cfg: DreamBoothConfig, parts: SDXLParts, unet=None, text_enco
     from diffusers import StableDiffusionXLPipeline
 
     te = text_encoders or parts.text_encoders
+    if parts.inference_scheduler is not None:  # a single file: no folder to read the scheduler from
+        pipe = StableDiffusionXLPipeline(
+            vae=parts.vae, unet=unet or parts.unet, text_encoder=te[0], text_encoder_2=te[1],
+            tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1], scheduler=parts.inference_scheduler,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = StableDiffusionXLPipeline.from_pretrained(
         cfg.pretrained_model_name_or_path, revision=cfg.revision, vae=parts.vae,
         unet=unet or parts.unet, text_encoder=te[0], text_encoder_2=te[1],

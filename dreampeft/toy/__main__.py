@@ -3,6 +3,7 @@
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--out toy_bench]
+    python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--subject star] [--out toy_sweep]
 """
 
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--steps", type=int, default=BENCH_STEPS)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     ben.add_argument("--out", default="toy_bench")
+    opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
+    opt.add_argument("--model", default=str(TOY_MODEL))
+    opt.add_argument("--methods", default="lora,lora_dash")
+    opt.add_argument("--train_seeds", type=int, default=2)
+    opt.add_argument("--steps", type=int, default=BENCH_STEPS)
+    opt.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
+    opt.add_argument("--subjects", default=",".join(SUBJECTS))
+    opt.add_argument("--out", default="toy_options")
     swp = sub.add_parser("sweep", help="learning rates per method (the toy preset's rate × factors) on one subject")
     swp.add_argument("--model", default=str(TOY_MODEL))
     swp.add_argument("--methods", default=",".join(METHODS))
@@ -71,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
         if args.command == "sweep":
             _sweep(p, args, methods)
+        elif args.command == "options":
+            from .options import option_study
+
+            option_study(args.model, args.out, methods, args.train_seeds, args.steps, args.seeds,
+                         [s.strip() for s in args.subjects.split(",") if s.strip()], log=lambda m: print(m, flush=True))
         else:
             _bench(args, methods)
     return 0

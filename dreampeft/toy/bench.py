@@ -22,7 +22,7 @@ import torch
 
 from ..dreambooth import DreamBoothConfig, train
 from ..presets import RESOLUTION, TOY, method_preset
-from ..toyworld import SUBJECTS, render, subject_scenes
+from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
 from .models import HEADS
@@ -46,14 +46,23 @@ def write_subject(subject: str, folder: Path, n: int = 5) -> Path:
     return folder
 
 
+def write_masks(subject: str, folder: Path, n: int = 5) -> Path:
+    """The instance images' object silhouettes (``--mask_dir``: same names, white = subject)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(subject_scenes(subject, n)):
+        object_mask(scene).save(folder / f"{subject}-{i}.png")
+    return folder
+
+
 def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: int, seed: int = 0,
-                  lr: float | None = None) -> dict:
+                  lr: float | None = None, **options) -> dict:
+    """``options``: further DreamBoothConfig fields (masked loss, caption dropout, EMA, ...)."""
     spec = method_preset(TOY, method)
     cfg = DreamBoothConfig(
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
         instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec.options,
         learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps, train_batch_size=2,
-        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True)
+        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True, **options)
     t0 = time.perf_counter()
     result = train(cfg)
     later = result.step_seconds[1:] or result.step_seconds  # the first step pays for warm-up
@@ -87,11 +96,11 @@ def _load(model_dir):
 
 
 def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run: Path, steps: int, seeds: int,
-           lr: float | None = None) -> tuple[dict, list]:
+           lr: float | None = None, seed: int = 0, **options) -> tuple[dict, list]:
     """Train one method on one subject, draw the recontext prompts with it, score: (stats, images)."""
     from ..pipeline import load_into_pipeline, unload
 
-    stats = train_subject(model_dir, folder, method, run, steps, lr=lr)
+    stats = train_subject(model_dir, folder, method, run, steps, seed=seed, lr=lr, **options)
     load_into_pipeline(pipe, run)
     prompts, images = generations(pipe, seeds)
     unload(pipe)
