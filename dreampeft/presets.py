@@ -25,9 +25,20 @@ class MethodPreset:
 
 
 _PRESETS: dict[str, dict[str, MethodPreset]] = {
-    # SDXL: each method's own default_lr (1e-4; FourierFT 1e-2, its paper's range being 1e-2..3e-1)
-    # and its config defaults. No SDXL sweep exists yet; the toy numbers below are measured.
-    SDXL: {},
+    # SDXL. No fidelity sweep on SDXL exists (no weights or GPU where this was written); each entry
+    # says where it comes from. Rates: diffusers' documented SDXL DreamBooth LoRA recipe (1e-4).
+    SDXL: {
+        "lora": MethodPreset(1e-4, {"r": 4}),  # diffusers' train_dreambooth_lora_sdxl defaults
+        "lora_dash": MethodPreset(1e-4, {"r": 4, "warmup_steps": 100, "n_directions": 8}),  # paper's s = 8
+        "dora": MethodPreset(1e-4, {"r": 4}),  # LoRA's recipe; the DoRA paper trains at LoRA's rates
+        "mora": MethodPreset(1e-4, {"r": 4, "mora_type": 6}),  # type 6 (rotation): recommended for small r (METHODS.md §4)
+        # Zeros, not the paper's gaussian start: with n = 1000 at scaling 150 the gaussian spectrum puts
+        # ‖ΔW‖_F at 5.27 (640×640), 2.59 (1280×1280), 3.07 (640×2048), 2.01 (1280×2048) before any step
+        # (computed at SDXL's attention shapes) — 0.07–0.3× ‖W‖ of SDXL's weights — so step 0 would not be
+        # the base model; on the toy the same start wrecked it (prompt fidelity 0.2 whatever the rate).
+        # Rate: FourierFT's paper range (1e-2..3e-1 for its spectrum), its lowest.
+        "fourierft": MethodPreset(1e-2, {"n_frequency": 1000, "scaling": 150.0, "init": "zeros"}),
+    },
     # The toy, from `python -m dreampeft.toy sweep` on the star at BENCH_STEPS (2 seeds; subject /
     # prompt fidelity): lora 1e-3 0.24/0.50, 2e-3 0.43/0.43; mora 2e-3 0.27/0.36, 4e-3 0.34/0.43;
     # fourierft 2.5e-5 0.09/0.64, 1e-4 0.05/0.64, 2.5e-4 0.14/0.50, 5e-4 0.07/0.29, 2.5e-3 0.12/0.14.

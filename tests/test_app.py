@@ -170,7 +170,7 @@ def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
     assert sdxl[2:2 + n] == (1e-4, 1e-4, 1e-2, 1e-4, 1e-4) == tuple(method_preset("sdxl", m).lr for m in METHODS)
     names = [(s.method, s.name) for s in option_specs(list(METHODS))]
     init = 2 + n + names.index(("fourierft", "init"))  # the toy starts FourierFT from zeros
-    assert len(toy) == len(sdxl) == 2 + n + len(names) and (toy[init], sdxl[init]) == ("zeros", "gaussian")
+    assert len(toy) == len(sdxl) == 2 + n + len(names) and (toy[init], sdxl[init]) == ("zeros", "zeros")
     assert preset_defaults("my/custom-sdxl") is None  # custom models keep the fields as set
 
 

@@ -197,6 +197,7 @@ def test_resume_is_exact_with_buckets_masks_dropout_and_ema(tiny_sdxl, tmp_path)
     for sub in (".", "training_weights"):
         a, b = _adapter_tensors(full / sub), _adapter_tensors(broken / sub)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    assert read_events(full / "events.jsonl")[0]["buckets"] == [[48, 96], [64, 64], [80, 48]]  # 0.54, 1, 1.67
     ema, raw = _adapter_tensors(full), _adapter_tensors(full / "training_weights")
     assert any(not torch.equal(ema[k], raw[k]) for k in ema), "the exports do not hold the EMA weights"
     # the exported EMA is checkpoint-4's EMA updated once more with step 5's training weights

@@ -289,7 +289,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         run.step_done = _resume(run)
         events.emit("start", total_steps=run.total_steps, start_step=run.step_done, adapter=cfg.adapter,
                     trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
-                    processes=acc.num_processes)
+                    processes=acc.num_processes, buckets=[list(b) for b in run.buckets])
         step_seconds = _loop(run, run.step_done, events)
         checksums = rank_checksums(run)
         result = None
