@@ -33,3 +33,37 @@ def model_load_error(flag: str, model: str, exc: BaseException) -> str:
     where = ("the folder is not a complete model" if Path(model).exists()
              else "it is not a local folder, and the hub could not be reached or has no such model")
     return f"{flag} {model}: cannot load it ({where}: {first})"
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (seconds, not the hub client's minute of retries)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def loadable(name: str) -> bool:
+    """A local folder, a hub id in the local cache, or a hub id while the hub answers."""
+    from pathlib import Path
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(name).exists():
+        return True
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return True
+    except ValueError:  # not a valid repo id either
+        return False
+    return hub_reachable()

@@ -4,11 +4,9 @@ under the same prompt and seeds, and score subject fidelity."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
@@ -19,6 +17,7 @@ from ..eval import EvalError, FidelityScorer
 from ..pipeline import load_into_pipeline, unload
 from ..toy import TOY_MODEL
 from ..toy.evaluate import find_judge, judge_similarity
+from ..utils import hub_reachable
 
 TOY = "dreampeft toy SDXL (offline; draws shapes, trained in this project)"
 TINY = "dreampeft tiny SDXL (offline; random weights, draws noise)"
@@ -29,15 +28,7 @@ class ModelError(ValueError):
     """A base model the app cannot use; the message says what to pick instead."""
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    import huggingface_hub.constants as hub
-
-    url = urlparse(hub.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
+_hub_reachable = hub_reachable  # a module attribute, so tests can stand in for the network
 
 
 def resolve_model(choice: str, work_dir: Path) -> str:

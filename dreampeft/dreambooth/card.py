@@ -32,8 +32,21 @@ def _training_lines(cfg: DreamBoothConfig, buckets: list) -> list[str]:
     return lines
 
 
+def _fidelity_lines(rows: list[dict], exported: tuple | None) -> list[str]:
+    if not rows:
+        return []
+    step, why = exported or (None, "")
+    lines = ["## Fidelity along training", "",
+             f"The files hold the weights of **step {step}**: {why}.", "", "![](fidelity.png)", "",
+             "| step | subject | prompt | drift | score |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['step']}{' ★' if r['step'] == step else ''} | {r['subject']:.3f} | {r['prompt']:.3f} | "
+              f"{r['drift']:.3f} | {r['score']:+.3f} |" for r in rows]
+    return lines + [""]
+
+
 def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: int, report: dict,
-                     images: list[str], run_dir: Path | None = None, buckets: list | None = None) -> Path:
+                     images: list[str], run_dir: Path | None = None, buckets: list | None = None,
+                     fidelity: list | None = None, exported: tuple | None = None) -> Path:
     """``out/README.md``; image links are relative to ``run_dir`` (default ``out``), where the card
     will finally live."""
     run_dir = run_dir or out
@@ -59,6 +72,7 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         f"- Resolution {cfg.resolution}, learning rate {cfg.learning_rate}, seed {cfg.seed}"
         + (f", prior preservation with `{cfg.class_prompt}`" if cfg.with_prior_preservation else ""),
         *_training_lines(cfg, buckets or []), "",
+        *_fidelity_lines(fidelity or [], exported),
         "## Files", "", *[f"- `{p.name}` ({_size(p)})" for p in files], "",
         "## Export to the diffusers LoRA format", "",
         "| component | method | export | ranks | overall rel. error | worst layer |", "|---|---|---|---|---:|---:|",

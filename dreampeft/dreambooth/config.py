@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
 from ..adapters.config import check_fields, option, require
+from ..eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 MAX_RESOLUTION = 4096
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -93,6 +94,18 @@ class DreamBoothConfig:
     num_validation_images: int = option(2, "images per validation")
     validation_steps: int = option(0, "validate every N steps (0: only at the end, if a prompt is given)")
     inference_steps: int = option(25, "denoising steps of validation and generated class images")
+    eval_steps: int | None = option(None, "measure subject fidelity, prompt fidelity and drift every N steps "
+                                    "(and at steps 0 and last; default: --validation_steps when validating; 0: off)")
+    eval_prompts: list[str] = option([], "evaluation prompts with the identifier (default: the toy's recontext "
+                                     "prompts, or 5 of the 25 DreamBooth prompts)")
+    eval_class_prompt: str | None = option(None, "the class prompt whose drift is measured (default: "
+                                           "--class_prompt, or the instance prompt without its identifier)")
+    eval_images: int = option(2, "images per evaluation prompt (seeds --seed, --seed+1, ...)")
+    keep_best: Literal["balanced", "subject", "last"] = option(
+        "balanced", "which evaluated adapter the exports hold: best subject + prompt gain with a drift "
+        "guard, best subject fidelity, or the last weights")
+    dino_model: str = option(DEFAULT_DINO, "DINO model for subject fidelity off the toy (hub id or folder)")
+    clip_model: str = option(DEFAULT_CLIP, "CLIP model for CLIP-I/CLIP-T off the toy (hub id or folder)")
     checkpointing_steps: int = option(0, "save a resumable checkpoint every N steps (0: never)")
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'")
@@ -129,6 +142,8 @@ class DreamBoothConfig:
         for name in ("validation_steps", "checkpointing_steps", "prior_loss_weight", "noise_offset",
                      "max_grad_norm", "lr_warmup_steps"):
             require(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)}; 0 turns it off)")
+        require(self.eval_steps is None or self.eval_steps >= 0, f"--eval_steps must be >= 0 (got {self.eval_steps})")
+        require(self.eval_images >= 1, f"--eval_images must be >= 1 (got {self.eval_images})")
         require(self.inference_steps >= 1, f"--inference_steps must be >= 1 (got {self.inference_steps})")
         require(self.snr_gamma is None or self.snr_gamma > 0,
                 f"--snr_gamma must be > 0 (got {self.snr_gamma}; 5.0 is the paper's): 0 would zero every loss")
@@ -171,6 +186,13 @@ class DreamBoothConfig:
         require(self.single_file_config is None or self.pretrained_model_name_or_path.endswith(".safetensors"),
                 "--single_file_config only applies when --pretrained_model_name_or_path is a .safetensors file")
         require(0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1) (got {self.ema_decay}; 0.999 is common)")
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations (0: none): --eval_steps, else the validation interval."""
+        if self.eval_steps is not None:
+            return self.eval_steps
+        return self.validation_steps if self.validation_prompt else 0
 
     def adapter_config(self, component: str = "unet") -> AdapterConfig:
         """The method config for ``component`` ("unet" or a text encoder)."""

@@ -34,23 +34,9 @@ class AdapterEMA:
             for s, p in zip(self.shadow[name], inject.adapter_parameters(m)):
                 s.lerp_(p.detach().float(), weight)
 
-    @contextlib.contextmanager
     def swapped(self, models: dict):
         """The layers hold the averaged weights inside the block, their own again after it."""
-        saved = {}
-        with torch.no_grad():
-            for name, m in models.items():
-                params = list(inject.adapter_parameters(m))
-                saved[name] = [p.detach().clone() for p in params]
-                for p, s in zip(params, self.shadow[name]):
-                    p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, m in models.items():
-                    for p, s in zip(inject.adapter_parameters(m), saved[name]):
-                        p.copy_(s)
+        return swapped(models, self.shadow)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
@@ -61,3 +47,23 @@ class AdapterEMA:
             raise ValueError("the checkpoint's EMA does not match the adapters")
         self.updates = int(state["updates"])
         self.shadow = {n: [t.to(s.device) for t, s in zip(ts, self.shadow[n])] for n, ts in state["shadow"].items()}
+
+
+@contextlib.contextmanager
+def swapped(models: dict, tensors: dict):
+    """Inside the block each model's adapter parameters hold ``tensors[name]`` (in
+    ``inject.adapter_parameters`` order); their own values again after it."""
+    saved = {}
+    with torch.no_grad():
+        for name, m in models.items():
+            params = list(inject.adapter_parameters(m))
+            saved[name] = [p.detach().clone() for p in params]
+            for p, s in zip(params, tensors[name]):
+                p.copy_(s)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, m in models.items():
+                for p, s in zip(inject.adapter_parameters(m), saved[name]):
+                    p.copy_(s)

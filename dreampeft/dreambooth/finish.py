@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,9 @@ from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_m
 from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card
+from .ema import swapped
+from .fidelity import PLOT_NAME, REASONS
+from .plots import fidelity_plot
 from .metadata import add_metadata, kohya_metadata
 
 
@@ -31,6 +35,17 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # CUDA peak, or the process's max RSS on CPU
     export_rel_error: dict = field(default_factory=dict)  # component → relative error of the LoRA export
     rank_checksums: list = field(default_factory=list)
+    fidelity: list = field(default_factory=list)  # the --eval_steps rows (fidelity.csv)
+    exported_step: int | None = None  # the step whose weights the exports hold (--keep_best)
+    exported_reason: str = ""
+
+    def fidelity_summary(self) -> dict:
+        """What the ``done`` event says about the evaluations, if there were any."""
+        if not self.fidelity:
+            return {}
+        seconds = sum(r["seconds"] for r in self.fidelity)
+        return {"exported_step": self.exported_step, "exported_reason": self.exported_reason,
+                "eval_seconds": round(seconds, 2), "evaluations": len(self.fidelity)}
 
     @property
     def train_seconds(self) -> float:
@@ -45,20 +60,36 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def exported_weights(run) -> tuple[int, str, object]:
+    """(step, why, context manager putting those weights in the layers) of what the exports hold:
+    the best evaluation (--keep_best), else the EMA (--use_ema), else the last weights."""
+    chosen = run.evaluator.chosen(run.total_steps) if run.evaluator else None
+    if chosen is not None:
+        return chosen["step"], REASONS[run.cfg.keep_best], swapped(run.unwrapped(), chosen["tensors"])
+    why = REASONS["last"] if run.cfg.keep_best == "last" or not run.evaluator else (
+        REASONS[run.cfg.keep_best] + ": the last evaluation")
+    if run.ema is not None:
+        return run.total_steps, why + f" (EMA {run.cfg.ema_decay})", run.ema.swapped(run.unwrapped())
+    return run.total_steps, why, contextlib.nullcontext()
+
+
 def final_save(run, images: list[str]) -> dict:
     """Write every final file into the stage, then commit them into the output folder together;
-    returns the export report. With --use_ema every file holds the averaged weights, and
-    ``training_weights/`` the weights the optimizer left."""
+    returns the export report. When the exports hold other weights than the optimizer's last (EMA,
+    --keep_best), ``training_weights/`` keeps those."""
     cfg, models, out = run.cfg, run.unwrapped(), Path(run.cfg.output_dir)
     staged = rundir.stage(out)
+    step, why, weights = exported_weights(run)
     meta = {"base_model": cfg.pretrained_model_name_or_path, "instance_prompt": cfg.instance_prompt,
-            "trained_steps": run.total_steps,
+            "trained_steps": run.total_steps, "exported_step": step,
             **({"single_file_config": cfg.single_file_config} if cfg.single_file_config else {})}
-    if run.ema is None:
+    if run.ema is not None or step != run.total_steps:
+        save_adapter(models, staged / "training_weights", extra_metadata={**meta, "weights": "training"})
+    if run.evaluator and run.evaluator.history.rows:
+        fidelity_plot({cfg.adapter: run.evaluator.history.rows}, staged / PLOT_NAME, {cfg.adapter: step})
+    run.exported = (step, why)
+    with weights:
         return _write_final(run, models, staged, meta, images)
-    save_adapter(models, staged / "training_weights", extra_metadata={**meta, "weights": "training"})
-    with run.ema.swapped(models):
-        return _write_final(run, models, staged, {**meta, "weights": f"ema {cfg.ema_decay}"}, images)
 
 
 def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str]) -> dict:
@@ -76,7 +107,8 @@ def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str])
     if "merged" in cfg.extra_exports:
         export_merged(cfg.pretrained_model_name_or_path, staged, staged / "merged")
     trainable = sum(inject.trainable_parameter_count(m) for m in models.values())
-    write_model_card(staged, cfg, trainable, run.total_steps, report, images, run_dir=out, buckets=run.buckets)
+    write_model_card(staged, cfg, trainable, run.total_steps, report, images, run_dir=out, buckets=run.buckets,
+                     fidelity=run.evaluator.history.rows if run.evaluator else [], exported=run.exported)
     rundir.commit(out)
     return report
 
@@ -88,7 +120,8 @@ def make_result(run, images: list[str], report: dict, step_seconds: list[float],
         steps=run.total_steps, images=images, step_seconds=step_seconds, peak_memory_mb=peak_memory_mb(run.device),
         trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
         export_rel_error={c: r["overall_rel_error"] for c, r in report["components"].items()},
-        rank_checksums=checksums)
+        rank_checksums=checksums, fidelity=list(run.evaluator.history.rows) if run.evaluator else [],
+        exported_step=run.exported[0], exported_reason=run.exported[1])
 
 
 def rank_checksums(run) -> list[list[float]]:

@@ -28,13 +28,13 @@ STAGE, PREVIOUS, MOVED = ".final.tmp", ".previous.tmp", ".all-moved"
 # What a finished run leaves besides checkpoints and validation images (the native adapter last).
 FINAL_OUTPUTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
                  "export_report.json", "dreambooth_config.json", "README.md", "peft", "merged",
-                 "training_weights", MANIFEST_NAME, WEIGHTS_NAME)
+                 "training_weights", "fidelity.png", MANIFEST_NAME, WEIGHTS_NAME)
 # Keys a resumed run may change; any other difference from the checkpoint's config stops the resume.
 RESUME_MAY_CHANGE = {"max_train_steps", "num_train_epochs", "validation_prompt", "num_validation_images",
                      "validation_steps", "inference_steps", "checkpointing_steps", "checkpoints_total_limit",
                      "resume_from_checkpoint", "events", "output_dir", "export_rank", "export_energy",
                      "extra_exports", "overwrite_output_dir", "instance_data_dir", "class_data_dir",
-                     "report_to", "mask_dir"}
+                     "report_to", "mask_dir", "dino_model", "clip_model"}
 
 
 def _remove(path: Path) -> None:
@@ -70,7 +70,7 @@ def claim(out: Path, overwrite: bool, resuming: bool):
     finished = (out / WEIGHTS_NAME).exists()
     checkpoints = list_checkpoints(out)
     if overwrite:
-        for name in (*FINAL_OUTPUTS, "validation", "logs"):
+        for name in (*FINAL_OUTPUTS, "validation", "logs", "eval", "fidelity.csv"):
             _remove(out / name)
         for _, path in checkpoints:
             _remove(path)

@@ -29,6 +29,7 @@ from .config import DreamBoothConfig
 from .batch import compute_loss
 from .data import DreamBoothError, Example, attach_masks, generator, scan_folder
 from .ema import AdapterEMA
+from .fidelity import Evaluator, History
 from .events import EventLog
 from .finish import TrainResult, final_save, make_result, rank_checksums
 from .optim import OPTIMIZERS
@@ -59,6 +60,8 @@ class Run:
     text_encoders_done: bool = False  # --train_text_encoder_frac reached: their adapters are fixed
     buckets: list = field(default_factory=list)  # the sizes in use (one: square at --resolution)
     trackers: Trackers | None = None
+    evaluator: Evaluator | None = None  # --eval_steps, on the main process
+    exported: tuple = (None, "")  # (step, why) of the weights the final files hold
 
     @property
     def device(self):
@@ -146,6 +149,8 @@ def setup(cfg: DreamBoothConfig, acc) -> Run:
     run.optimizer, run.lr_scheduler = prepared[len(names):]
     if cfg.use_ema:
         run.ema = AdapterEMA(run.unwrapped(), cfg.ema_decay)
+    if cfg.eval_every and acc.is_main_process:
+        run.evaluator = Evaluator(run)  # metric models load once, here
     return run
 
 
@@ -224,9 +229,20 @@ def _checkpoint(run: Run, step: int, events: EventLog) -> None:
         path = save_checkpoint(Path(run.cfg.output_dir), step, run.unwrapped(), run.optimizer,
                                run.lr_scheduler, run.acc.scaler, json.dumps(run.cfg.to_dict(), indent=2),
                                run.cfg.checkpoints_total_limit,
-                               extra_state={"ema": run.ema.state_dict()} if run.ema else None)
+                               extra_state=_extra_state(run))
         events.emit("checkpoint", step=step, path=str(path))
     run.acc.wait_for_everyone()
+
+
+def _extra_state(run: Run) -> dict:
+    return {**({"ema": run.ema.state_dict()} if run.ema else {}),
+            **({"fidelity": run.evaluator.history.state_dict()} if run.evaluator else {})}
+
+
+def evaluate(run: Run, step: int, events: EventLog) -> None:
+    row = run.evaluator.evaluate(run, step)
+    events.emit("eval", **row)
+    run.trackers.log({f"fidelity/{k}": v for k, v in row.items() if k != "step"}, step)
 
 
 def _resume(run: Run) -> int:
@@ -250,6 +266,8 @@ def _resume(run: Run) -> int:
         except (KeyError, TypeError, ValueError) as exc:
             raise DreamBoothError(f"{path}: the checkpoint holds no usable EMA state ({exc}); resume from "
                                   "another checkpoint or start over with --overwrite_output_dir") from None
+    if run.evaluator is not None and "fidelity" in extra:  # the evaluations so far, exactly
+        run.evaluator.history = History.from_state(extra["fidelity"])
     return step
 
 
@@ -290,18 +308,20 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         events.emit("start", total_steps=run.total_steps, start_step=run.step_done, adapter=cfg.adapter,
                     trainable=sum(inject.trainable_parameter_count(m) for m in run.unwrapped().values()),
                     processes=acc.num_processes, buckets=[list(b) for b in run.buckets])
+        if run.evaluator and run.step_done == 0 and run.evaluator.due(0, run.total_steps):
+            evaluate(run, 0, events)  # the base model: the reference of every later evaluation
         step_seconds = _loop(run, run.step_done, events)
         checksums = rank_checksums(run)
         result = None
         if acc.is_main_process:
             images = run.images if run.validated_at == run.total_steps else (
                 validate(run, run.total_steps, events) if cfg.validation_prompt else [])
-            # with --use_ema the exports hold the average; final_save keeps the training weights too
             report = final_save(run, images)
             result = make_result(run, images, report, step_seconds, checksums)
             events.emit("done", output_dir=str(out), adapter=str(result.adapter), images=images,
                         diffusers=str(result.diffusers), export_rel_error=result.export_rel_error,
-                        rank_checksums=checksums, peak_memory_mb=round(result.peak_memory_mb, 1))
+                        rank_checksums=checksums, peak_memory_mb=round(result.peak_memory_mb, 1),
+                        **result.fidelity_summary())
         acc.wait_for_everyone()
         return result
     except (KeyboardInterrupt, RunStopped) as exc:
@@ -346,6 +366,8 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
             events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm,
                         **({"dash_launched": len(launched)} if launched else {}))
             run.trackers.log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": seconds[-1]}, done)
+            if run.evaluator and run.evaluator.due(done, run.total_steps):
+                evaluate(run, done, events)
             if _due(cfg.checkpointing_steps, done) and done < run.total_steps:
                 _checkpoint(run, done, events)
             if cfg.validation_prompt and _due(cfg.validation_steps, done) and acc.is_main_process:

@@ -1,0 +1,63 @@
+"""Plots a person compares with: fidelity along a run, and subject against prompt fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CURVES = (("subject", "subject fidelity"), ("prompt", "prompt fidelity"), ("drift", "drift (class prompt)"),
+          ("score", "balanced score"))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display here, and none needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fidelity_plot(runs: dict[str, list[dict]], path: Path, chosen: dict[str, int] | None = None) -> Path:
+    """Each metric against step, one line per run (``runs``: name → fidelity rows); the chosen
+    step of each run is marked."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), constrained_layout=True)
+    for (key, title), ax in zip(CURVES, axes):
+        for name, rows in runs.items():
+            steps = [r["step"] for r in rows]
+            line, = ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label=name)
+            if chosen and name in chosen:
+                best = next(r for r in rows if r["step"] == chosen[name])
+                ax.plot([best["step"]], [best[key]], marker="*", ms=14, color=line.get_color(), mec="black")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def pareto_plot(runs: dict[str, list[dict]], path: Path, chosen: dict[str, int] | None = None) -> Path:
+    """Subject against prompt fidelity over every evaluation of every run, one colour per run,
+    each run's chosen point starred, the base (step 0) as a black cross."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    base_drawn = False
+    for name, rows in runs.items():
+        points = [r for r in rows if r["step"] > 0]
+        sc = ax.scatter([r["prompt"] for r in points], [r["subject"] for r in points], s=18, label=name, alpha=0.8)
+        if chosen and name in chosen:
+            best = next(r for r in rows if r["step"] == chosen[name])
+            ax.scatter([best["prompt"]], [best["subject"]], marker="*", s=260, color=sc.get_facecolor()[0],
+                       edgecolors="black", zorder=3)
+        if rows and rows[0]["step"] == 0 and not base_drawn:
+            ax.scatter([rows[0]["prompt"]], [rows[0]["subject"]], marker="x", s=80, color="black", label="base")
+            base_drawn = True
+    ax.set_xlabel("prompt fidelity")
+    ax.set_ylabel("subject fidelity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
