@@ -7,7 +7,10 @@
 Writes ``compare/<method>/`` (each run), ``compare/images/<row>/`` (generations with their
 prompts), ``grid.png`` (rows: base model and each method; columns: prompts), ``results.json`` and
 ``results.md`` (trainable parameters, file size, train time, peak memory, DINO, CLIP-I, CLIP-T,
-and on the toy model its judge's DINO-style similarity, which works offline).
+and on the toy model its judge's DINO-style similarity, which works offline). With ``--eval_steps N``
+each run also measures fidelity along training: ``fidelity.png`` (each method's curves, its chosen
+step starred), ``pareto.png`` (subject vs prompt fidelity over every evaluation, one colour per
+method) and, in the tables, each method at its own best step and at the common last step.
 Peak memory is the CUDA allocator's peak per method on GPU; on CPU it is the process's max RSS so
 far, which only grows, so read it as an upper bound there.
 Prompts: ``--prompts "a,b"``, or the 25 DreamBooth prompts for ``--subject`` (``--live`` for pets).
@@ -66,7 +69,8 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
         t0 = time.perf_counter()
         result = train(cfg)
         results[method] = {"trainable": result.trainable, "train_s": time.perf_counter() - t0,
-                           "peak_mib": result.peak_memory_mb, "file_kib": result.adapter.stat().st_size / 1024}
+                           "peak_mib": result.peak_memory_mb, "file_kib": result.adapter.stat().st_size / 1024,
+                           **_along_training(result)}
     pipe = build_pipeline(base, load_parts(base))
     rows = {"base": generate(pipe, prompts, out / "images" / "base", base, steps)}
     for method in methods:
@@ -85,12 +89,34 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
     return results
 
 
+def _along_training(result) -> dict:
+    if not result.fidelity:
+        return {}
+    best = next(r for r in result.fidelity if r["step"] == result.exported_step)
+    last = result.fidelity[-1]
+    return {"fidelity": result.fidelity, "best_step": result.exported_step, "best_subject": best["subject"],
+            "best_prompt": best["prompt"], "last_subject": last["subject"], "last_prompt": last["prompt"]}
+
+
+def fidelity_plots(results: dict, out: Path) -> list[Path]:
+    """``fidelity.png`` and ``pareto.png`` over the methods that measured fidelity along training."""
+    from .dreambooth.plots import fidelity_plot, pareto_plot
+
+    runs = {m: r["fidelity"] for m, r in results.items() if r.get("fidelity")}
+    if not runs:
+        return []
+    chosen = {m: results[m]["best_step"] for m in runs}
+    return [fidelity_plot(runs, out / "fidelity.png", chosen), pareto_plot(runs, out / "pareto.png", chosen)]
+
+
 def write_tables(results: dict, out: Path, prompts: list[str]) -> str:
     (out / "results.json").write_text(json.dumps({"prompts": prompts, "results": results}, indent=1) + "\n")
     cols = [("trainable", "{:,}"), ("file_kib", "{:.1f}"), ("train_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
-            ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}"), ("toy_judge", "{:.4f}")]
-    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T | toy judge |",
-             "|---|" + "---:|" * len(cols)]
+            ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}"), ("toy_judge", "{:.4f}"),
+            ("best_step", "{}"), ("best_subject", "{:.3f}"), ("best_prompt", "{:.3f}"),
+            ("last_subject", "{:.3f}"), ("last_prompt", "{:.3f}")]
+    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T | toy judge | best step "
+             "| subject (best) | prompt (best) | subject (last) | prompt (last) |", "|---|" + "---:|" * len(cols)]
     for row, r in results.items():
         lines.append(f"| {row} | " + " | ".join(fmt.format(r[k]) if k in r else "–" for k, fmt in cols) + " |")
     table = "\n".join(lines)
@@ -125,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subject", help="e.g. 'sks dog': selects the 25 DreamBooth evaluation prompts")
     p.add_argument("--live", action="store_true", help="use the live-subject prompt list")
     p.add_argument("--inference_steps", type=int, default=25)
+    p.add_argument("--eval_steps", type=int, default=0, help="measure fidelity every N steps of each run "
+                   "(curves, Pareto plot, best step per method; 0: off)")
     p.add_argument("--dino_model", default=DEFAULT_DINO)
     p.add_argument("--clip_model", default=DEFAULT_CLIP)
     p.add_argument("--no_metrics", action="store_true", help="skip DINO/CLIP scoring")
@@ -146,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         base = DreamBoothConfig(
             pretrained_model_name_or_path=args.pretrained_model_name_or_path,
             instance_data_dir=args.instance_data_dir, instance_prompt=args.instance_prompt,
-            max_train_steps=args.max_train_steps, seed=args.seed,
+            max_train_steps=args.max_train_steps, seed=args.seed, eval_steps=args.eval_steps,
+            dino_model=args.dino_model, clip_model=args.clip_model, inference_steps=args.inference_steps,
             resolution=args.resolution or RESOLUTION[preset_of(args.pretrained_model_name_or_path)])
         scorer = None if args.no_metrics else _scorer(args)
         out = Path(args.out)
@@ -155,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(write_tables(results, out, prompts))
+    for plot in fidelity_plots(results, out):
+        print(f"{plot.stem} → {plot}")
     print(f"grid (rows: base, {', '.join(methods)}) → {out / 'grid.png'}")
     return 0
 

@@ -129,8 +129,13 @@ def trained_app(tiny_sdxl, eval_models, tmp_path_factory):
 def test_app_trains_validates_and_offers_downloads(trained_app):
     import zipfile
 
-    rows, samples, downloads = trained_app.progress()
+    rows, samples, downloads, fidelity, _, _, kept = trained_app.progress()
     assert [r[:4] for r in rows] == [[1, "lora", "done", "4/4"], [2, "fourierft", "done", "4/4"]]
+    # fidelity at step 0 and at each validation (every 2 steps), for the live curves and the Pareto plot
+    assert fidelity.groupby("run")["step"].apply(list).to_dict() == {"lora (run 1)": [0, 2, 4],
+                                                                     "fourierft (run 2)": [0, 2, 4]}
+    assert fidelity["best"].sum() == 2 and [r[6] for r in rows] == list(fidelity[fidelity["best"]]["step"])
+    assert "lora (run 1) @ step 2" in kept["choices"]
     assert len(samples) == 4  # validation every 2 steps, one image each, two runs
     assert "step 4" in samples[-1][1]
     names = zipfile.ZipFile(downloads[0]).namelist()
@@ -151,6 +156,10 @@ def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):
     pixels = [np.asarray(img, dtype=np.int16) for img, _ in gallery]
     assert np.abs(pixels[2] - pixels[0]).max() > 0  # the trained adapter changes the image …
     assert scores[1][1:4] != scores[0][1:4]  # … and so its scores against the subject
+    kept, _, _ = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 1, 2, 64, 1.0,
+                                      ["lora (run 1) @ step 0", "lora (run 1) @ step 2"])
+    assert [c for _, c in kept][-2:] == ["lora (run 1) @ step 0 · seed 3", "lora (run 1) @ step 2 · seed 3"]
+    assert np.array_equal(np.asarray(kept[-2][0]), np.asarray(kept[0][0]))  # step 0 is the base (B = 0)
     off, _, _ = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 1, 2, 64, 0.0)
     assert all(np.array_equal(np.asarray(off[0][0]), np.asarray(img)) for img, _ in off)  # scale 0 = base
 

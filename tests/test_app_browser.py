@@ -111,6 +111,9 @@ def test_upload_train_generate_compare(page):
                            timeout=180_000)
     jobs = _text(page, "#jobs")
     assert "6/6" in jobs and "lora" in jobs and "fourierft" in jobs
+    # the fidelity curves: drawn from the evaluations (steps 0, 3, 6) as they arrived
+    page.wait_for_function("document.querySelector('#fidelity_plot canvas, #fidelity_plot svg') !== null",
+                           timeout=30_000)
     page.wait_for_function("document.querySelectorAll('#samples img').length >= 4", timeout=10_000)
     page.wait_for_function("document.querySelectorAll('#downloads a').length >= 2", timeout=10_000)
     assert "-lora .zip" in _text(page, "#downloads") and "-fourierft .zip" in _text(page, "#downloads")
@@ -122,6 +125,7 @@ def test_upload_train_generate_compare(page):
     scores = _wait_text(page, "#scores", "fourierft", 30)
     assert "base" in scores and "lora (run" in scores
     assert "Scored 3 rows" in _text(page, "#gen_message")
+    page.wait_for_function("document.querySelector('#pareto canvas, #pareto svg') !== null", timeout=30_000)
     shot = os.environ.get("DREAMPEFT_SCREENSHOT")
     if shot:
         page.screenshot(path=str(ROOT / shot), full_page=True)

@@ -16,7 +16,7 @@ def test_compare_trains_generates_scores_and_tabulates(tiny_sdxl, eval_models, t
                  "--instance_prompt", "a photo of sks toy", "--methods", "lora,mora", "--max_train_steps", "2",
                  "--resolution", "64", "--subject", "sks toy", "--inference_steps", "1",
                  "--learning_rates", "lora=1e-3", "--dino_model", str(eval_models[0]),
-                 "--clip_model", str(eval_models[1]), "--out", str(out)])
+                 "--clip_model", str(eval_models[1]), "--eval_steps", "1", "--out", str(out)])
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     assert list(data["results"]) == ["base", "lora", "mora"] and len(data["prompts"]) == 25
@@ -27,6 +27,12 @@ def test_compare_trains_generates_scores_and_tabulates(tiny_sdxl, eval_models, t
     assert Image.open(out / "grid.png").size == (96 * 25, 96 * 3)  # rows: base + 2 methods
     assert (out / "images" / "mora" / "24.txt").read_text().strip() == "a cube shaped sks toy"
     assert "| mora |" in capsys.readouterr().out
+    for row in ("lora", "mora"):  # fidelity along training: each method at its own best step and at the last
+        r = data["results"][row]
+        assert [f["step"] for f in r["fidelity"]] == [0, 1, 2] and r["best_step"] in (0, 1, 2)
+        best = max((f for f in r["fidelity"] if f["drift"] <= 0.5), key=lambda f: f["score"])
+        assert r["best_step"] == best["step"] and r["last_subject"] == r["fidelity"][-1]["subject"]
+    assert Image.open(out / "pareto.png").size[0] > 300 and (out / "fidelity.png").exists()
 
 
 def test_compare_needs_prompts(tiny_sdxl, capsys):

@@ -54,9 +54,10 @@ class Job:
         return read_events(self.events_path) if self.events_path.exists() else []
 
     def progress(self) -> dict:
-        """step, total, loss, ETA (s), validation images as (path, step), and the error, if any."""
+        """step, total, loss, ETA (s), validation images as (path, step), fidelity evaluations, the
+        step the exports hold, and the error, if any."""
         info = {"id": self.id, "method": self.method, "state": self.state, "step": 0, "total": None,
-                "loss": None, "eta_s": None, "images": [], "error": None}
+                "loss": None, "eta_s": None, "images": [], "error": None, "evals": [], "exported_step": None}
         steps = []
         for e in self.events():
             if e["event"] == "start":
@@ -65,6 +66,10 @@ class Job:
                 steps.append(e)
             elif e["event"] == "validation":  # the final one is logged too, before "done"
                 info["images"] += [(path, e["step"]) for path in e["images"]]
+            elif e["event"] == "eval":
+                info["evals"].append(e)
+            elif e["event"] == "done":
+                info["exported_step"] = e.get("exported_step")
             elif e["event"] == "error":
                 info["error"] = e["message"]
         if steps:

@@ -100,7 +100,7 @@ class Studio:
             self._pipe_model = model
         return self._pipe
 
-    def generate(self, model: str, runs: list[tuple[str, Path]], prompt: str, seed: int, n: int,
+    def generate(self, model: str, runs: list[tuple], prompt: str, seed: int, n: int,
                  steps: int, resolution: int, scale: float) -> list[Row]:
         """The base model, then each run, all on the same prompt and seeds seed..seed+n-1."""
         with self._lock:
@@ -111,8 +111,8 @@ class Studio:
                              generator=torch.Generator().manual_seed(seed + i)).images[0] for i in range(n)]
 
             rows = [Row("base", sample())]
-            for label, run_dir in runs:
-                load_into_pipeline(pipe, run_dir, scale=scale)
+            for label, run_dir, *adapter in runs:  # a kept checkpoint names its own adapter folder
+                load_into_pipeline(pipe, adapter[0] if adapter else run_dir, scale=scale)
                 try:
                     rows.append(Row(label, sample(), real=_instance_images(run_dir)))
                 finally:

@@ -12,6 +12,8 @@ import time
 import zipfile
 from pathlib import Path
 
+import pandas as pd
+
 from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
 from ..dreambooth.config import MAX_RESOLUTION
@@ -22,7 +24,8 @@ from .jobs import JobQueue
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
-JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA"]
+JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA", "exported step"]
+FIDELITY_COLUMNS = ["run", "step", "subject", "prompt", "drift", "best"]
 SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
 DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
               "dreambooth_config.json", "export_report.json")
@@ -106,26 +109,39 @@ class App:
             adapter=method, adapter_options=options,
             max_train_steps=steps, resolution=resolution, seed=seed, learning_rate=lr,
             validation_prompt=prompt, num_validation_images=1, validation_steps=validate_every,
-            inference_steps=10 if resolution <= 128 else 25, **run_options)
+            inference_steps=10 if resolution <= 128 else 25,
+            # fidelity at step 0, at each validation (or only at the end) — the curves the app draws
+            eval_steps=validate_every or steps, eval_images=1,
+            dino_model=self.studio.dino_model, clip_model=self.studio.clip_model, **run_options)
 
     def stop(self) -> str:
         n = self.queue.stop_all()
         return f"Stopped {n} run(s)." if n else "Nothing is running."
 
-    def progress(self) -> tuple[list[list], list, list[str]]:
-        """Job rows, the newest validation samples, and download archives of finished runs."""
-        rows, samples, downloads = [], [], []
+    def progress(self):
+        """Job rows, the newest validation samples, download archives of finished runs, the
+        fidelity evaluations so far (one row per run and step; the plots draw them) and the kept
+        checkpoints Generate can use."""
+        import gradio as gr
+
+        rows, samples, downloads, fidelity, kept = [], [], [], [], []
         for job in self.queue.jobs:
             p = job.progress()
             step = f"{p['step']}/{p['total']}" if p["total"] else "–"
             loss = f"{p['loss']:.4f}" if p["loss"] is not None else "–"
             eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
             state = p["state"] + (f": {p['error']}" if p["error"] else "")
-            rows.append([job.id, job.method, state, step, loss, eta])
+            rows.append([job.id, job.method, state, step, loss, eta,
+                         "–" if p["exported_step"] is None else p["exported_step"]])
             samples += [(self.public(img), f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
+            label = f"{job.method} (run {job.id})"
+            fidelity += [[label, e["step"], e["subject"], e["prompt"], e["drift"], e["step"] == p["exported_step"]]
+                         for e in p["evals"]]
             if job.state == "done":
                 downloads.append(str(self._archive(job.output_dir)))
-        return rows, samples[-8:], downloads
+                kept += [f"{label} @ step {e['step']}" for e in p["evals"]]
+        table = pd.DataFrame(fidelity, columns=FIDELITY_COLUMNS)
+        return rows, samples[-8:], downloads, table, table, table, gr.update(choices=kept)
 
     @property
     def public_dir(self) -> Path:
@@ -156,8 +172,9 @@ class App:
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, model: str, prompt: str, seed: int, n: int, steps: int, resolution: int,
-                 scale: float) -> tuple[list, list[list], str]:
-        """Base model and every finished run on ``model``: same prompt, same seeds; then scores."""
+                 scale: float, checkpoints: list[str] | None = None) -> tuple[list, list[list], str]:
+        """Base model, every finished run on ``model`` and any kept ``checkpoints`` ("LABEL @ step N"):
+        same prompt, same seeds; then scores."""
         try:
             path = resolve_model(model, self.work_dir)
             if not (prompt or "").strip():
@@ -166,6 +183,7 @@ class App:
             done = [j for j in self.queue.jobs if j.state == "done"]
             runs = [(f"{j.method} (run {j.id})", j.output_dir) for j in done
                     if j.cfg.pretrained_model_name_or_path == path]
+            runs += self._kept(done, path, checkpoints or [])
             rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps),
                                         int(resolution), float(scale))
         except (ConfigError, ModelError, DreamBoothError, ValueError) as exc:
@@ -180,6 +198,20 @@ class App:
         note += f"Scored {len(rows)} rows × {int(n)} image(s) against the subject images."
         return gallery, scores, note + (f" {missing}." if missing else "")
 
+    @staticmethod
+    def _kept(done: list, model: str, checkpoints: list[str]) -> list[tuple]:
+        """(label, run folder, adapter folder) of each chosen "LABEL @ step N" of a finished run."""
+        by_label = {f"{j.method} (run {j.id})": j for j in done if j.cfg.pretrained_model_name_or_path == model}
+        picked = []
+        for choice in checkpoints:
+            label, _, step = choice.rpartition(" @ step ")
+            job = by_label.get(label)
+            snapshot = job and job.output_dir / "eval" / f"step-{int(step):06d}"
+            if not snapshot or not snapshot.is_dir():
+                raise ConfigError(f"{choice}: no such kept checkpoint (train on this base model first)")
+            picked.append((choice, job.output_dir, snapshot))
+        return picked
+
     # -- layout ---------------------------------------------------------------------------------
     def blocks(self, delete_cache: tuple[int, int] | None = None):
         import gradio as gr
@@ -193,16 +225,24 @@ class App:
                 train_inputs, train_btn, stop_btn, message = self._training_widgets(gr, model)
             with gr.Tab("2 · Generate and compare"):
                 gen_inputs, gen_btn, gallery, scores, gen_message = self._generation_widgets(gr, model)
+                pareto = gr.ScatterPlot(x="prompt", y="subject", color="run", elem_id="pareto", height=320,
+                                        title="Subject vs prompt fidelity, every evaluation of every run")
             with gr.Row():
                 jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Runs (one trains at a time; the rest wait)",
                                     interactive=False, elem_id="jobs")
             samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="samples")
+            with gr.Row():  # live: a point per evaluation, the exported step flagged in the table above
+                curve = gr.LinePlot(x="step", y="subject", color="run", title="Subject fidelity along training",
+                                    elem_id="fidelity_plot", height=260)
+                prompt_curve = gr.LinePlot(x="step", y="prompt", color="run", title="Prompt fidelity along training",
+                                           elem_id="prompt_plot", height=260)
             downloads = gr.File(label="Trained adapters (native + diffusers + model card)",
                                 file_count="multiple", interactive=False, elem_id="downloads")
             train_btn.click(self.train, train_inputs, message)
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
-            gr.Timer(1.0).tick(self.progress, None, [jobs, samples, downloads])
+            gr.Timer(1.0).tick(self.progress, None,
+                               [jobs, samples, downloads, curve, prompt_curve, pareto, gen_inputs[-1]])
             # resolution ×2, learning rates, method options (the trainer options keep what was set)
             preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:len(train_inputs) - len(self.run_specs)]]
             model.change(lambda m: preset_defaults(m) or (gr.skip(),) * len(preset_widgets), model,
@@ -268,4 +308,6 @@ class App:
         scores = gr.Dataframe(headers=SCORE_COLUMNS, label="Subject fidelity (DINO, CLIP-I vs your images; "
                               "CLIP-T vs the prompt; toy_judge: the toy model's judge, DINO-style)", interactive=False, elem_id="scores")
         message = gr.Markdown(elem_id="gen_message")
-        return [model, prompt, seed, n, steps, resolution, scale], gen_btn, gallery, scores, message
+        checkpoints = gr.Dropdown([], value=[], multiselect=True, elem_id="checkpoints",
+                                  label="Also generate with kept checkpoints (each evaluated step of a finished run)")
+        return [model, prompt, seed, n, steps, resolution, scale, checkpoints], gen_btn, gallery, scores, message
