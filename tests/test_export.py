@@ -221,3 +221,21 @@ def test_dora_loads_exactly_in_diffusers_unet_and_text_encoders_by_svd(tiny_sdxl
     torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-6)
     for comp in ("text_encoder", "text_encoder_2"):
         torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.05])  # a flat spectrum (the hard case) and a decaying one
+def test_randomised_low_rank_export_is_near_optimal_and_reports_its_exact_error(decay):
+    from dreampeft.export import _lowrank
+
+    g = torch.Generator().manual_seed(1)
+    U, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(192, 192, generator=g))
+    S = torch.exp(-decay * torch.arange(192.0))
+    dw = (U[:, :192] * S) @ V.T
+    optimal = float(S[16:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt())
+    state = torch.random.get_rng_state()
+    e = _lowrank(dw, 16)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the trainer's random stream is untouched
+    assert e.rel_error == pytest.approx(float((dw - e.up @ e.down).norm() / dw.norm()), rel=1e-5)
+    assert optimal <= e.rel_error + 1e-6 and e.rel_error <= optimal * 1.01 + 1e-4, (optimal, e.rel_error)
+    assert e.up.shape == (256, 16) and e.down.shape == (16, 192)
