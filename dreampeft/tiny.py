@@ -84,8 +84,43 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny", te2_hidden: int = TE2_HID
     )
 
 
+def build_full_sdxl(seed: int = 0, device: str | torch.device | None = None):
+    """SDXL base's architecture at its real size (the configs shipped in ``configs/sdxl_base``:
+    UNet 2.57 B parameters, both CLIP encoders, the VAE) with random weights from ``seed``. The
+    encoders' vocabulary is matched to the bundled tokenizer (914 ids instead of 49,408: the real
+    vocabulary is not shipped). ``device="meta"`` builds the structure without memory."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .single_file import SDXL_BASE_CONFIGS as cfgs
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR))
+
+    def encoder_config(name: str):
+        config = CLIPTextConfig.from_pretrained(cfgs / name)
+        config.vocab_size = len(tokenizer)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        return config
+
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfgs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfgs / "vae"))
+        text_encoder = CLIPTextModel(encoder_config("text_encoder"))
+        text_encoder_2 = CLIPTextModelWithProjection(encoder_config("text_encoder_2"))
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER_DIR)), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_pretrained(cfgs, subfolder="scheduler"))
+
+
 def save_tiny_sdxl(out_dir: str | Path, seed: int = 0, size: str = "tiny", te2_hidden: int = TE2_HIDDEN) -> Path:
+    """The tiny or medium SDXL in fp32, or (``size="full"``) SDXL base's real size in fp16."""
     out = Path(out_dir)
+    if size == "full":
+        build_full_sdxl(seed).to(torch.float16).save_pretrained(out)
+        return out
     build_tiny_sdxl(seed, size, te2_hidden).save_pretrained(out)
     return out
 
@@ -175,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("kind", choices=["sdxl", "llama", "vit", "dino", "clip"])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=sorted(UNET_SIZES), default="tiny", help="SDXL UNet size")
+    parser.add_argument("--size", choices=[*sorted(UNET_SIZES), "full"], default="tiny",
+                        help="SDXL size: tiny, medium, or full (SDXL base's architecture, 2.57 B-parameter "
+                             "UNet, random weights, fp16 on disk: ~6.5 GB, needs ~16 GB of RAM to build)")
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     if out.exists() and any(out.iterdir()):
@@ -187,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         builders = {"vit": build_tiny_vit, "dino": build_tiny_dino, "clip": build_tiny_clip}
         save_pair(builders[args.kind](args.seed), out)
-    print(f"saved tiny {args.kind} (seed {args.seed}) to {out}")
+    print(f"saved {'full-size' if args.size == 'full' else 'tiny'} {args.kind} (seed {args.seed}) to {out}")
 
 
 if __name__ == "__main__":

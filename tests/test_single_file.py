@@ -91,3 +91,17 @@ def test_shipped_configs_are_sdxl_base(tmp_path):
     assert count(te1) == 123_060_480 and count(te2) == 694_659_840
     attention = [n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and re.search(r"attn[12]\.to_", n)]
     assert len(attention) == 560  # 70 transformer blocks × 2 attentions × (q, k, v, out)
+
+
+def test_full_size_builder_is_sdxl_base_with_the_bundled_vocabulary():
+    """``python -m dreampeft.tiny sdxl OUT --size full``, built on the meta device (the real build
+    takes ~16 GB of RAM): SDXL base's UNet and VAE exactly, encoders matched to the tokenizer."""
+    from dreampeft.tiny import build_full_sdxl
+
+    pipe = build_full_sdxl(device="meta")
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(pipe.unet) == 2_567_463_684 and count(pipe.vae) == 83_653_863
+    for enc, hidden in ((pipe.text_encoder, 768), (pipe.text_encoder_2, 1280)):
+        assert enc.get_input_embeddings().weight.shape == (len(pipe.tokenizer), hidden)
+        assert enc.config.eos_token_id == pipe.tokenizer.eos_token_id
+    assert pipe.text_encoder_2.config.num_hidden_layers == 32 and pipe.unet.config.cross_attention_dim == 2048

@@ -128,8 +128,13 @@ def dash_step(model: nn.Module, completed_steps: int) -> list[str]:
     Launches each layer whose ``warmup_steps`` have been reached (steps 0…t-1 are plain LoRA);
     idempotent, so resuming from a checkpoint never launches twice.
     """
-    return [n for n, m in model.named_modules()
-            if isinstance(m, LoRADashLayer) and completed_steps >= m.config.warmup_steps and m.launch()]
+    due = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRADashLayer)
+           and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)]
+    if len(due) > 16:  # one full SVD of W0 per layer: minutes at SDXL's size, so show them passing
+        from tqdm.auto import tqdm
+
+        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0)", leave=False)
+    return [n for n, m in due if m.launch()]
 
 
 def is_dash_active(model: nn.Module) -> bool:
