@@ -72,6 +72,11 @@ def test_every_method_trains_saves_and_reloads(method, tiny_sdxl, instance_dir, 
     assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
     assert Path(events[-1]["images"][0]).exists()
+    done, card = events[-1], (out / "README.md").read_text()
+    assert done["step_seconds_max"] >= done["step_seconds_median"] > 0  # a slow step shows
+    kept = done["export_energy_kept"]["unet"]
+    assert kept == pytest.approx(1 - done["export_rel_error"]["unet"] ** 2) and f"{kept:.1%}" in card
+    assert ("--to merged" in card.split("## How to load")[0]) == (kept < 1)  # lossy exports point to exact ones
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     base = unet_output(pipe)
     manifest = dp.load_adapter({"unet": pipe.unet}, out)

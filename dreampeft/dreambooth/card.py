@@ -53,8 +53,9 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
     files = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
     errors = "\n".join(
         f"| {c} | {r['method']} | {'exact' if r['exact'] else 'truncated SVD'} | {', '.join(map(str, r['ranks']))} "
-        f"| {r['overall_rel_error']:.4f} | {r['max_layer_rel_error']:.4f} |"
+        f"| {r['overall_rel_error']:.4f} | {1 - r['overall_rel_error'] ** 2:.1%} | {r['max_layer_rel_error']:.4f} |"
         for c, r in report["components"].items())
+    lossy = any(not r["exact"] for r in report["components"].values())
     options = json.dumps(cfg.adapter_config("unet").to_dict(), indent=2)
     # The hub's front matter for LoRA repositories, so the card is indexed like diffusers' and
     # kohya's (JSON strings are valid YAML scalars, so prompts with quotes or colons stay intact).
@@ -75,8 +76,10 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         *_fidelity_lines(fidelity or [], exported),
         "## Files", "", *[f"- `{p.name}` ({_size(p)})" for p in files], "",
         "## Export to the diffusers LoRA format", "",
-        "| component | method | export | ranks | overall rel. error | worst layer |", "|---|---|---|---|---:|---:|",
-        errors, "",
+        "| component | method | export | ranks | overall rel. error | energy kept | worst layer |",
+        "|---|---|---|---|---:|---:|---:|", errors, "",
+        *(["The diffusers file keeps the share of ‖ΔW‖² above; exact for every method: the native file "
+           "(`dp.load_into_pipeline`) and `python -m dreampeft.export THIS_FOLDER --to merged`.", ""] if lossy else []),
         "## How to load", "", "```python",
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -320,6 +321,8 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
             result = make_result(run, images, report, step_seconds, checksums)
             events.emit("done", output_dir=str(out), adapter=str(result.adapter), images=images,
                         diffusers=str(result.diffusers), export_rel_error=result.export_rel_error,
+                        export_energy_kept={c: round(1 - e ** 2, 6) for c, e in result.export_rel_error.items()},
+                        step_seconds_median=_median(step_seconds), step_seconds_max=max(step_seconds, default=None),
                         rank_checksums=checksums, peak_memory_mb=round(result.peak_memory_mb, 1),
                         **result.fidelity_summary())
         acc.wait_for_everyone()
@@ -382,6 +385,10 @@ def fix_text_encoders(run: Run) -> None:
         run.unwrapped()[name].eval()
     run.text_encoders_done = True
     run.prompts.clear()
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def _last_checkpoint(out: Path) -> str | None:
