@@ -19,8 +19,7 @@ from .. import inject
 class AdapterEMA:
     def __init__(self, models: dict, decay: float):
         self.decay, self.updates = decay, 0
-        self.shadow = {name: [p.detach().float().clone() for p in inject.adapter_parameters(m)]
-                       for name, m in models.items()}
+        self.shadow = adapter_tensors(models, torch.float32)
 
     def current_decay(self) -> float:
         """The decay of the next update: 0.1 for the first, as diffusers' EMAModel."""
@@ -49,16 +48,20 @@ class AdapterEMA:
         self.shadow = {n: [t.to(s.device) for t, s in zip(ts, self.shadow[n])] for n, ts in state["shadow"].items()}
 
 
+def adapter_tensors(models: dict, dtype: torch.dtype | None = None) -> dict:
+    """A copy of each model's adapter parameters (``inject.adapter_parameters`` order), for ``swapped``."""
+    return {name: [p.detach().to(dtype or p.dtype, copy=True) for p in inject.adapter_parameters(m)]
+            for name, m in models.items()}
+
+
 @contextlib.contextmanager
 def swapped(models: dict, tensors: dict):
     """Inside the block each model's adapter parameters hold ``tensors[name]`` (in
     ``inject.adapter_parameters`` order); their own values again after it."""
-    saved = {}
+    saved = adapter_tensors(models)
     with torch.no_grad():
         for name, m in models.items():
-            params = list(inject.adapter_parameters(m))
-            saved[name] = [p.detach().clone() for p in params]
-            for p, s in zip(params, tensors[name]):
+            for p, s in zip(inject.adapter_parameters(m), tensors[name]):
                 p.copy_(s)
     try:
         yield

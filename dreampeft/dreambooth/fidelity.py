@@ -31,6 +31,7 @@ import torch
 
 from .. import inject
 from ..state import atomic_write, save_adapter
+from .ema import adapter_tensors
 
 DRIFT_LIMIT = 0.5
 PROMPT_WEIGHT = {"toy": 1.0, "clip": 10.0}
@@ -175,10 +176,6 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def adapter_tensors(models: dict) -> dict:
-    return {name: [p.detach().clone() for p in inject.adapter_parameters(m)] for name, m in models.items()}
-
-
 def snapshot(models: dict, folder: Path, step: int) -> Path:
     """The evaluated weights as a native adapter (the app generates from any of them)."""
     return save_adapter(models, folder / f"step-{step:06d}", extra_metadata={"trained_steps": step})
@@ -217,12 +214,8 @@ class Evaluator:
         import time
 
         from ..eval import mean_paired_cosine
-        from .models import build_pipeline
 
-        t0, cfg, models = time.perf_counter(), self.cfg, run.unwrapped()
-        encoders = [models.get("text_encoder", run.parts.text_encoders[0]),
-                    models.get("text_encoder_2", run.parts.text_encoders[1])]
-        pipe = build_pipeline(cfg, run.parts, unet=models["unet"], text_encoders=encoders)
+        t0, cfg, models, pipe = time.perf_counter(), self.cfg, run.unwrapped(), run.pipeline()
         n, plan = self.plan.images, self.plan
         with run.averaged(), run.acc.autocast(), inject.eval_mode(*models.values()):
             everything = generate(pipe, [*plan.prompts, plan.class_prompt], n, cfg)

@@ -13,15 +13,12 @@ from pathlib import Path
 
 from .data import DreamBoothError
 
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 def accelerator_kwargs(cfg) -> dict:
     """``log_with``/``project_dir`` for the Accelerator; a tracker whose package is missing is an
     error before any model loads."""
     if cfg.report_to == "none":
         return {}
-    package = PACKAGES[cfg.report_to]
+    package = cfg.report_to  # each tracker's package has the tracker's name
     if importlib.util.find_spec(package) is None:
         raise DreamBoothError(f"--report_to {cfg.report_to}: the {package} package is not installed; "
                               f"pip install {package}, or pass --report_to none")

@@ -71,6 +71,13 @@ class Run:
     def unwrapped(self) -> dict:
         return {name: self.acc.unwrap_model(m) for name, m in self.trained.items()}
 
+    def pipeline(self):
+        """An SDXL pipeline on the run's own models (trained adapters in; frozen parts shared)."""
+        models = self.unwrapped()
+        encoders = [models.get("text_encoder", self.parts.text_encoders[0]),
+                    models.get("text_encoder_2", self.parts.text_encoders[1])]
+        return build_pipeline(self.cfg, self.parts, unet=models["unet"], text_encoders=encoders)
+
     def averaged(self):
         """Inside the block the adapters hold the EMA weights when --use_ema is on."""
         return self.ema.swapped(self.unwrapped()) if self.ema else contextlib.nullcontext()
@@ -202,10 +209,7 @@ def train_step(run: Run, step: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def validate(run: Run, step: int, events: EventLog) -> list[str]:
-    cfg, models = run.cfg, run.unwrapped()
-    encoders = [models.get("text_encoder", run.parts.text_encoders[0]),
-                models.get("text_encoder_2", run.parts.text_encoders[1])]
-    pipe = build_pipeline(cfg, run.parts, unet=models["unet"], text_encoders=encoders)
+    cfg, models, pipe = run.cfg, run.unwrapped(), run.pipeline()
     out = Path(cfg.output_dir) / "validation"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
