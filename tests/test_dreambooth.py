@@ -227,6 +227,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("dropout_one", r"--caption_dropout_rate must be in \[0, 1\)"),
     ("frac_without_te", "--train_text_encoder_frac only applies with --train_text_encoder"),
     ("mask_dir_alone", "--mask_dir only applies with --masked_loss"),
+    ("eval_steps_zero", r"--eval_inference_steps must be >= 1 \(got 0\)"),
 ])
 def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tmp_path, capsys):
     if case == "no_bitsandbytes" and __import__("importlib").util.find_spec("bitsandbytes"):
@@ -262,7 +263,8 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
              "bad_export": ["--extra_exports", "onnx"], "no_masks": ["--masked_loss"],
              "buckets_center": ["--aspect_buckets", "--center_crop"], "ema_decay": ["--use_ema", "--ema_decay", "1"],
              "dropout_one": ["--caption_dropout_rate", "1"], "frac_without_te": ["--train_text_encoder_frac", "0.5"],
-             "mask_dir_alone": ["--mask_dir", str(tmp_path)]}.get(case, extra)
+             "mask_dir_alone": ["--mask_dir", str(tmp_path)],
+             "eval_steps_zero": ["--eval_inference_steps", "0"]}.get(case, extra)
     try:
         code = train_dreambooth.main(base_args(model, data, tmp_path / "out", *extra))
     except SystemExit as exc:  # argparse's own errors (invalid choice) exit with 2 too

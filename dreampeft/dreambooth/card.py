@@ -41,7 +41,9 @@ def _fidelity_lines(rows: list[dict], exported: tuple | None) -> list[str]:
              "| step | subject | prompt | drift | score |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']}{' ★' if r['step'] == step else ''} | {r['subject']:.3f} | {r['prompt']:.3f} | "
               f"{r['drift']:.3f} | {r['score']:+.3f} |" for r in rows]
-    return lines + [""]
+    seconds = sum(r["seconds"] for r in rows)
+    return lines + ["", f"{len(rows)} evaluations took {seconds:.1f} s in all ({seconds / len(rows):.1f} s each).",
+                    ""]
 
 
 def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: int, report: dict,

@@ -151,13 +151,22 @@ def balanced(row: dict, first: dict, kind: str) -> float:
 
 def generate(pipe, prompts: list[str], n: int, cfg) -> list:
     """n images per prompt; image k of every prompt uses seed + k, whatever the batching. Small
-    images go through the pipeline together (one call per prompt costs more than the denoising)."""
+    images go through the pipeline together (one call per prompt costs more than the denoising).
+
+    DPM-Solver++ (2M) at ``--eval_inference_steps``: an evaluation is a relative measure repeated
+    many times, so it takes the few-step solver. Measured on the toy (5 recontext prompts × 8 seeds,
+    star adapters at steps 0/100/300): 10 DPM++ steps score subject 0.151/0.323/0.354 and prompt
+    0.750/0.643/0.679 where 25 Euler steps score 0.145/0.316/0.370 and 0.768/0.679/0.696, in 0.42×
+    the time."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     jobs = [(p, k) for p in prompts for k in range(n)]
     batch = 32 if cfg.resolution <= 128 else n
     images = []
     for i in range(0, len(jobs), batch):
         chunk = jobs[i:i + batch]
-        images += pipe([p for p, _ in chunk], num_inference_steps=cfg.inference_steps, height=cfg.resolution,
+        images += pipe([p for p, _ in chunk], num_inference_steps=cfg.eval_inference_steps, height=cfg.resolution,
                        width=cfg.resolution, generator=[torch.Generator().manual_seed(cfg.seed + k)
                                                          for _, k in chunk]).images
     return images

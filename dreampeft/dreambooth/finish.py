@@ -45,7 +45,9 @@ class TrainResult:
             return {}
         seconds = sum(r["seconds"] for r in self.fidelity)
         return {"exported_step": self.exported_step, "exported_reason": self.exported_reason,
-                "eval_seconds": round(seconds, 2), "evaluations": len(self.fidelity)}
+                "eval_seconds": round(seconds, 2), "evaluations": len(self.fidelity),
+                # of the loop's time (steps + evaluations; this session's steps, every evaluation)
+                "eval_share": round(seconds / (seconds + self.train_seconds), 4)}
 
     @property
     def train_seconds(self) -> float:
