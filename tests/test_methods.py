@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dreampeft as dp
 from dreampeft.adapters import FourierFTLayer, MoRALayer
-from dreampeft.adapters.mora import mora_rank
+from dreampeft.adapters.mora import FOLD_TOKENS, mora_rank
 
 from .cases import build, example_input
 
@@ -175,6 +176,31 @@ def test_mora_gradients_equal_the_explicit_delta_gradients(t, d_out, d_in):
         layer.M.grad = None
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("d_out,d_in", [(640, 640), (53, 37), (37, 53), (90, 20), (1280, 2048)])
+def test_mora_rotated_m_path_is_exact_in_forward_and_backward(d_out, d_in):
+    """Type 6 with many tokens (≥ r̂) folds the rotations into M; it must compute what rotating
+    the activations computes, and what the explicit ΔW computes, values and gradients."""
+    r = 8 if d_out > 100 else 2
+    layer = MoRALayer(nn.Linear(d_in, d_out, bias=False), dp.MoRAConfig(r=r, mora_type=6))
+    with torch.no_grad():
+        layer.M.copy_(torch.randn_like(layer.M) / layer.r_hat)
+    tokens = FOLD_TOKENS * layer.r_hat  # the folded path
+    x, g = torch.randn(2, tokens // 2, d_in), torch.randn(2, tokens // 2, d_out)
+    paths = {"folded": layer.adapter_forward,
+             "rotated activations": lambda v: layer.decompress(F.linear(layer.compress(v), layer.M)),
+             "explicit": lambda v: v @ layer.delta_weight().T}
+    results = {}
+    for name, fn in paths.items():
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(g)
+        results[name] = (y.detach(), xi.grad, layer.M.grad.clone())
+        layer.M.grad = None
+    for name in ("rotated activations", "explicit"):
+        for got, want in zip(results["folded"], results[name]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_mora_rank_rounding():
