@@ -198,6 +198,29 @@ def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
     return path
 
 
+KOHYA_DIFF_WEIGHTS = "pytorch_lora_weights_kohya_diff.safetensors"
+
+
+@torch.no_grad()
+def export_kohya_diff(models: dict, out_dir: str | Path, dtype: torch.dtype = torch.float16,
+                      weight_name: str = KOHYA_DIFF_WEIGHTS) -> Path:
+    """Whole weight differences under kohya's names, ``{key}.diff`` = scale·ΔW, which ComfyUI's
+    LoRA loader (and A1111's ``network_full``) add to the weight as they are: exact for every
+    method up to ``dtype`` — FourierFT's and MoRA's updates are high-rank, so their LoRA files
+    are not — at the size of the adapted weights (SDXL's 560 UNet attention layers: 955 M weights,
+    1.9 GB in fp16)."""
+    tensors = {}
+    for comp, model in models.items():
+        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+        for name, layer in adapter_layers(model).items():
+            tensors[f"{kohya_key(comp, name, lpb)}.diff"] = (layer.scale * layer.delta_weight()).to(dtype).cpu()
+    if not tensors:
+        raise ValueError("no adapters to export; inject or load adapters first")
+    path = Path(out_dir) / weight_name
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "dreampeft_kind": "diff"}))
+    return path
+
+
 # -- PEFT ------------------------------------------------------------------------------------
 def _lora_config(r: int, alpha: float, rslora: bool = False, dropout: float = 0.0, **extra) -> dict:
     return {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora, "lora_dropout": dropout, **extra}

@@ -1,4 +1,4 @@
-"""``python -m dreampeft.export SRC --to diffusers|kohya|peft|merged --out DIR``: arguments are
+"""``python -m dreampeft.export SRC --to diffusers|kohya|kohya_diff|peft|merged --out DIR``: arguments are
 checked before any model loads, and every failure is one ``error:`` line with exit status 2."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .export import _check_empty, _load_components, export_diffusers, export_kohya, export_peft, save_merged
+from .export import (_check_empty, _load_components, export_diffusers, export_kohya, export_kohya_diff, export_peft,
+                     save_merged)
 
 
 def _positive_int(text: str) -> int:
@@ -58,6 +59,9 @@ def _write(args, pipe, models: dict, base: str) -> None:
         print(save_merged(pipe, models, args.out))
     elif args.to == "kohya":
         print(export_kohya(models, args.out, rank, args.energy))
+    elif args.to == "kohya_diff":
+        path = export_kohya_diff(models, args.out)
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, whole fp16 weight differences: exact)")
     elif args.to == "peft":
         print("\n".join(map(str, export_peft(models, args.out, base))))
     else:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreampeft.export",
                                      description="Convert a dreampeft run or native adapter file.")
     parser.add_argument("src", help="a run's output folder or a dreampeft_adapter.safetensors file")
-    parser.add_argument("--to", required=True, choices=["diffusers", "kohya", "peft", "merged"])
+    parser.add_argument("--to", required=True, choices=["diffusers", "kohya", "kohya_diff", "peft", "merged"])
     parser.add_argument("--base", help="base model (hub id or folder); default: the one it was trained on")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     group = parser.add_mutually_exclusive_group()

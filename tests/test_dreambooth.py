@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from PIL import Image, ImageDraw
 
 import dreampeft as dp
@@ -140,8 +141,11 @@ def test_text_encoder_training_saves_all_components(tiny_sdxl, instance_dir, tmp
     out = tmp_path / "out"
     assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, out, "--train_text_encoder",
                                            "--text_encoder_lr", "5e-4",
-                                           "--extra_exports", "kohya,peft,merged")) == 0
+                                           "--extra_exports", "kohya,kohya_diff,peft,merged")) == 0
     assert (out / "pytorch_lora_weights_kohya.safetensors").exists()
+    with safe_open(out / "pytorch_lora_weights_kohya_diff.safetensors", "pt") as f:
+        assert f.metadata()["ss_network_module"] and all(k.endswith(".diff") for k in f.keys())
+        assert any(k.startswith("lora_te2_") for k in f.keys())
     assert sorted(p.name for p in (out / "peft").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
     assert (out / "merged" / "model_index.json").exists()
     manifest = dp.read_manifest(out)[1]

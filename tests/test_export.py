@@ -158,6 +158,10 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
                  "--out", str(tmp_path / "d")]) == 0
     assert "unet: mora rank" in capsys.readouterr().out
     _pipe(tiny_sdxl).load_lora_weights(tmp_path / "d")
+    assert main([str(tmp_path / "run"), "--to", "kohya_diff", "--base", str(tiny_sdxl),
+                 "--out", str(tmp_path / "k")]) == 0
+    assert "whole fp16 weight differences: exact" in capsys.readouterr().out
+    assert (tmp_path / "k" / "pytorch_lora_weights_kohya_diff.safetensors").exists()
     assert main([str(tmp_path / "run"), "--to", "merged", "--out", str(tmp_path / "m")]) == 2
     assert "does not name its base model; pass --base" in capsys.readouterr().err
     assert main([str(tmp_path / "nothing"), "--to", "peft", "--base", "x", "--out", str(tmp_path / "p")]) == 2
@@ -239,3 +243,32 @@ def test_randomised_low_rank_export_is_near_optimal_and_reports_its_exact_error(
     assert e.rel_error == pytest.approx(float((dw - e.up @ e.down).norm() / dw.norm()), rel=1e-5)
     assert optimal <= e.rel_error + 1e-6 and e.rel_error <= optimal * 1.01 + 1e-4, (optimal, e.rel_error)
     assert e.up.shape == (256, 16) and e.down.shape == (16, 192)
+
+
+@pytest.mark.parametrize("method", ["fourierft", "mora", "dora"])
+def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl, tmp_path):
+    """``.diff`` keys under the kohya LoRA file's own names (the ones diffusers' SGM converter reads
+    in the test above); adding each to its weight, as ComfyUI's loader does, gives the adapted model."""
+    from dreampeft.export import export_kohya, export_kohya_diff, kohya_key
+    from safetensors.torch import load_file
+
+    ours = _adapted(medium_sdxl, method)
+    models = {c: getattr(ours, c) for c in COMPONENTS}
+    diff = load_file(export_kohya_diff(models, tmp_path, dtype=torch.float32))
+    lora = load_file(export_kohya(models, tmp_path, rank=2))
+    assert {k[:-len(".diff")] for k in diff} == {k[:-len(".alpha")] for k in lora if k.endswith(".alpha")}
+    theirs = _pipe(medium_sdxl)
+    with torch.no_grad():
+        for comp in COMPONENTS:
+            model = getattr(theirs, comp)
+            lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+            for name in dp.inject.adapter_layers(models[comp]):
+                weight = model.get_submodule(name).weight
+                weight += diff.pop(f"{kohya_key(comp, name, lpb)}.diff")
+    assert not diff  # every key found its layer
+    torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-5)
+    for comp in ("text_encoder", "text_encoder_2"):
+        torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-5, atol=1e-5)
+    (tmp_path / "fp16").mkdir()
+    half = load_file(export_kohya_diff(models, tmp_path / "fp16"))
+    assert all(t.dtype == torch.float16 for t in half.values())  # the default: what A1111/ComfyUI run in

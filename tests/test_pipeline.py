@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -31,9 +33,12 @@ def test_load_scale_fuse_unload(method, tiny_sdxl, tmp_path):
     dp.unfuse(pipe)
     with pytest.raises(ValueError, match="an adapter named 'default' is loaded already"):
         dp.load_into_pipeline(pipe, tmp_path)
+    layers = [weakref.ref(layer) for m in COMPONENTS for layer in dp.adapter_layers(getattr(pipe, m)).values()]
     dp.unload(pipe)
     assert not dp.adapter_layers(pipe.unet)
     torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
+    gc.collect()  # nothing keeps unloaded layers (and FourierFT's cached fused weights) alive
+    assert layers and all(ref() is None for ref in layers)
 
 
 def test_bad_files_give_clear_errors(tiny_sdxl, medium_sdxl, tmp_path):
@@ -92,6 +97,9 @@ def test_two_adapters_blend_with_weights(tiny_sdxl, tmp_path):
     torch.testing.assert_close(unet_output(pipe), unet_output(ref), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown adapter"):
         dp.set_adapters(pipe, ["style"])
+    layers = [weakref.ref(layer) for m in COMPONENTS for layer in dp.adapter_layers(getattr(pipe, m)).values()]
     dp.unload(pipe)
     assert not dp.adapter_layers(pipe.unet)
     torch.testing.assert_close(unet_output(pipe), base, rtol=1e-5, atol=1e-6)
+    gc.collect()  # nothing keeps unloaded layers (and FourierFT's cached fused weights) alive
+    assert layers and all(ref() is None for ref in layers)

@@ -81,7 +81,9 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         "| component | method | export | ranks | overall rel. error | energy kept | worst layer |",
         "|---|---|---|---|---:|---:|---:|", errors, "",
         *(["The diffusers file keeps the share of ‖ΔW‖² above; exact for every method: the native file "
-           "(`dp.load_into_pipeline`) and `python -m dreampeft.export THIS_FOLDER --to merged`.", ""] if lossy else []),
+           "(`dp.load_into_pipeline`), `python -m dreampeft.export THIS_FOLDER --to merged` and, for "
+           "A1111/ComfyUI, `--to kohya_diff` (whole weight differences, the size of the adapted weights).",
+           ""] if lossy else []),
         "## How to load", "", "```python",
         "import torch",
         "from diffusers import StableDiffusionXLPipeline",
@@ -93,7 +95,8 @@ def write_model_card(out: Path, cfg: DreamBoothConfig, trainable: int, steps: in
         "dp.load_into_pipeline(pipe, 'THIS_FOLDER', scale=1.0)",
         "```", "",
         "A1111 / ComfyUI: `python -m dreampeft.export THIS_FOLDER --to kohya --out .` "
-        "(or train with `--extra_exports kohya`). A full checkpoint with the update fused in:",
+        "(or train with `--extra_exports kohya`); exact for every method, larger: `--to kohya_diff`. "
+        "A full checkpoint with the update fused in:",
         "`python -m dreampeft.export THIS_FOLDER --to merged --out merged/`.", "",
         "## Method options", "", "```json", options, "```", "",
         *(["## Validation images", "", *[f"![]({Path(i).relative_to(run_dir)})" for i in images], ""] if images else []),

@@ -117,9 +117,10 @@ class DreamBoothConfig:
         "images; files under OUTPUT_DIR/logs (W&B offline with WANDB_MODE=offline)")
     export_rank: int | None = option(32, "rank of the diffusers LoRA exported for FourierFT/MoRA "
                                      "(truncated SVD; LoRA and LoRA-Dash export exactly)")
-    extra_exports: list[Literal["kohya", "peft", "merged"]] = option(
-        [], "formats written besides native and diffusers: kohya (A1111/ComfyUI), peft, merged "
-        "(a full pipeline folder with ΔW fused in)")
+    extra_exports: list[Literal["kohya", "kohya_diff", "peft", "merged"]] = option(
+        [], "formats written besides native and diffusers: kohya (A1111/ComfyUI LoRA), kohya_diff (whole "
+        "fp16 weight differences ComfyUI/A1111 add as they are: exact for every method, 1.9 GB for SDXL's UNet), "
+        "peft, merged (a full pipeline folder with ΔW fused in)")
     export_energy: float | None = option(None, "instead of --export_rank: keep this share of each "
                                          "layer's squared singular values (e.g. 0.9)")
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import inject
-from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_merged, export_peft, factorize
+from ..export import (DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_kohya_diff, export_merged, export_peft,
+                      factorize)
 from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card
@@ -104,6 +105,8 @@ def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str])
     if "kohya" in cfg.extra_exports:
         kohya = export_kohya(models, staged, rank=cfg.export_rank, energy=cfg.export_energy, factors=factors)
         add_metadata(kohya, kohya_metadata(run))
+    if "kohya_diff" in cfg.extra_exports:
+        add_metadata(export_kohya_diff(models, staged), kohya_metadata(run))
     if "peft" in cfg.extra_exports:
         export_peft(models, staged / "peft", base_model=cfg.pretrained_model_name_or_path)
     if "merged" in cfg.extra_exports:

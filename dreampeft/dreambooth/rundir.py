@@ -27,6 +27,7 @@ LOCK_NAME = ".dreampeft.lock"
 STAGE, PREVIOUS, MOVED = ".final.tmp", ".previous.tmp", ".all-moved"
 # What a finished run leaves besides checkpoints and validation images (the native adapter last).
 FINAL_OUTPUTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors",
+                 "pytorch_lora_weights_kohya_diff.safetensors",
                  "export_report.json", "dreambooth_config.json", "README.md", "peft", "merged",
                  "training_weights", "fidelity.png", MANIFEST_NAME, WEIGHTS_NAME)
 # Keys a resumed run may change; any other difference from the checkpoint's config stops the resume.
