@@ -12,6 +12,7 @@ from torch import nn
 
 import dreampeft as dp
 from dreampeft.adapters import FourierFTLayer, MoRALayer
+from dreampeft.adapters.fourierft import FFT_GRAD_AREA
 from dreampeft.adapters.mora import FOLD_TOKENS, mora_rank
 
 from .cases import build, example_input
@@ -55,6 +56,38 @@ def test_fourierft_gradient_matches_autograd_through_ifft2(d_out, d_in):
     dense = dense.index_put((layer.indices[0], layer.indices[1]), spec.to(torch.complex64))
     (torch.fft.ifft2(dense).real * 150.0 * g).sum().backward()
     torch.testing.assert_close(layer.spectrum.grad, spec.grad, rtol=1e-4, atol=1e-6)
+
+
+# (d_out, d_in, n): odd/even sides; the first four with ≥ FFT_GRAD_AREA weights per coefficient
+FOURIER_PATHS = [(33, 47, 3), (64, 64, 8), (40, 90, 7), (90, 40, 7), (7, 8, 1), (33, 47, 300), (64, 64, 300)]
+assert [o * i >= FFT_GRAD_AREA * n for o, i, n in FOURIER_PATHS] == [True] * 4 + [False] * 3
+
+
+@pytest.mark.parametrize("d_out,d_in,n", FOURIER_PATHS)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fourierft_training_path_equals_autograd_through_the_dense_update(d_out, d_in, n, autocast):
+    """The training path (one matmul with W0 + ΔW; the spectrum's gradient from rffts of the
+    activations on large layers, from the dense weight gradient on small ones): values and
+    gradients must equal base(x) + scale·x ΔWᵀ differentiated by autograd, for odd and even sides
+    (the Nyquist bins), leading batch dims, a bias and a scale."""
+    layer = _layer(FourierFTLayer, d_out, d_in, dp.FourierFTConfig(n_frequency=n, scaling=150.0))
+    layer.set_scale(0.5)
+    x, g = torch.randn(2, 3, 5, d_in), torch.randn(2, 3, 5, d_out)
+    results = []
+    reference = lambda v: layer.base_layer(v) + layer.scale * (v @ layer.delta_weight().T)  # noqa: E731
+    for path, amp in ((layer, autocast), (reference, False)):  # the reference in float32
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = path(xi)
+        assert y.dtype == (torch.bfloat16 if amp else torch.float32)
+        y.backward(g.to(y.dtype))
+        results.append((y.detach().float(), xi.grad, layer.spectrum.grad.clone()))
+        layer.spectrum.grad = None
+    for got, want in zip(*results):
+        if autocast:  # bfloat16 matmuls: within a few of its ulps of the largest value
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @torch.no_grad()
