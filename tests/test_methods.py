@@ -12,7 +12,7 @@ from torch import nn
 
 import dreampeft as dp
 from dreampeft.adapters import FourierFTLayer, MoRALayer
-from dreampeft.adapters.fourierft import FFT_GRAD_AREA
+from dreampeft.adapters.fourierft import FFT_GRAD_AREA, SPARSE_COST
 from dreampeft.adapters.mora import FOLD_TOKENS, mora_rank
 
 from .cases import build, example_input
@@ -58,21 +58,30 @@ def test_fourierft_gradient_matches_autograd_through_ifft2(d_out, d_in):
     torch.testing.assert_close(layer.spectrum.grad, spec.grad, rtol=1e-4, atol=1e-6)
 
 
-# (d_out, d_in, n): odd/even sides; the first four with ≥ FFT_GRAD_AREA weights per coefficient
-FOURIER_PATHS = [(33, 47, 3), (64, 64, 8), (40, 90, 7), (90, 40, 7), (7, 8, 1), (33, 47, 300), (64, 64, 300)]
-assert [o * i >= FFT_GRAD_AREA * n for o, i, n in FOURIER_PATHS] == [True] * 4 + [False] * 3
+# (d_out, d_in, n, tokens) over odd/even sides, by the path they take: ΔW never formed (few tokens),
+# fused W0 + ΔW with the spectrum gradient from activation rffts, fused with the dense gradient
+FOURIER_PATHS = {"sparse": [(33, 47, 3, 30), (64, 64, 8, 30), (7, 8, 1, 6), (90, 40, 7, 60)],
+                 "fused, rfft gradient": [(64, 64, 8, 600), (40, 90, 7, 600), (90, 40, 7, 600)],
+                 "fused, dense gradient": [(33, 47, 300, 30), (64, 64, 300, 30)]}
 
 
-@pytest.mark.parametrize("d_out,d_in,n", FOURIER_PATHS)
+def _fourier_path(d_out, d_in, n, tokens):
+    if tokens * n * SPARSE_COST < d_out * d_in:
+        return "sparse"
+    return "fused, rfft gradient" if d_out * d_in >= FFT_GRAD_AREA * n else "fused, dense gradient"
+
+
+assert all(_fourier_path(*case) == path for path, cases in FOURIER_PATHS.items() for case in cases)
+
+
+@pytest.mark.parametrize("d_out,d_in,n,tokens", [c for cases in FOURIER_PATHS.values() for c in cases])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_fourierft_training_path_equals_autograd_through_the_dense_update(d_out, d_in, n, autocast):
-    """The training path (one matmul with W0 + ΔW; the spectrum's gradient from rffts of the
-    activations on large layers, from the dense weight gradient on small ones): values and
-    gradients must equal base(x) + scale·x ΔWᵀ differentiated by autograd, for odd and even sides
-    (the Nyquist bins), leading batch dims, a bias and a scale."""
+def test_fourierft_training_path_equals_autograd_through_the_dense_update(d_out, d_in, n, tokens, autocast):
+    """Every training path: values and gradients must equal base(x) + scale·x ΔWᵀ differentiated
+    by autograd, for odd and even sides (the Nyquist bins), leading batch dims, a bias and a scale."""
     layer = _layer(FourierFTLayer, d_out, d_in, dp.FourierFTConfig(n_frequency=n, scaling=150.0))
     layer.set_scale(0.5)
-    x, g = torch.randn(2, 3, 5, d_in), torch.randn(2, 3, 5, d_out)
+    x, g = torch.randn(2, tokens // 2, d_in), torch.randn(2, tokens // 2, d_out)
     results = []
     reference = lambda v: layer.base_layer(v) + layer.scale * (v @ layer.delta_weight().T)  # noqa: E731
     for path, amp in ((layer, autocast), (reference, False)):  # the reference in float32

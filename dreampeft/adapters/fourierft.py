@@ -92,13 +92,28 @@ class _SpectrumToDelta(torch.autograd.Function):
 
 
 def activation_maps(indices: torch.Tensor, d_out: int, d_in: int):
-    """For each entry (p, q): its bins in the rfft of an output (p') and an input (q') vector, and
-    the sign σ_p·σ_q of the imaginary product (σ = -1 in the stored half, +1 past it)."""
+    """For each entry (p, q): its bins in the rfft of an output (p') and an input (q') vector, the
+    signs σ_p, σ_q that turn those bins into X̃ (σ = -1 in the stored half, +1 past it), and the
+    entries themselves (rows p, cols q)."""
     rows, cols = indices
     own_p, own_q = rows <= d_out // 2, cols <= d_in // 2
     p_bin, q_bin = torch.where(own_p, rows, d_out - rows), torch.where(own_q, cols, d_in - cols)
-    sign = torch.where(own_p == own_q, 1.0, -1.0)
-    return p_bin, q_bin, sign
+    return p_bin, q_bin, torch.where(own_p, -1.0, 1.0), torch.where(own_q, -1.0, 1.0), rows, cols
+
+
+def twiddled(x: torch.Tensor, bins: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """(T, n) complex X̃[:, k] = Σ_c x[:, c] e^{+2πi q_k c/d}: conj(R[q]) for q ≤ d/2, R[d - q] past
+    it, R = rfft(x) (x real)."""
+    r = torch.fft.rfft(x.float(), dim=-1)[:, bins]
+    return torch.complex(r.real, r.imag * sign)
+
+
+def sparse_apply(x: torch.Tensor, spectrum: torch.Tensor, src, sign, dst, d_dst: int, coef: float) -> torch.Tensor:
+    """x ΔWᵀ (or, with the roles of p and q swapped, g ΔW) without forming ΔW: with X̃ as above,
+    (x ΔWᵀ)[r] = scaling/d_in · Re(ifft(Z))[r], Z[p] = Σ_{k: p_k = p} c_k X̃[q_k]. T·(d log d + n) work."""
+    z = torch.zeros(x.shape[0], d_dst, dtype=torch.complex64, device=x.device)
+    z.index_add_(1, dst, twiddled(x, src, sign) * spectrum.float())
+    return torch.fft.ifft(z, dim=-1).real * coef
 
 
 def spectrum_grad(x: torch.Tensor, g: torch.Tensor, maps, coef: float) -> torch.Tensor:
@@ -106,11 +121,11 @@ def spectrum_grad(x: torch.Tensor, g: torch.Tensor, maps, coef: float) -> torch.
     of y = x ΔWᵀ with respect to the spectrum from rffts of the T activations and output
     gradients (T·d·log d work) instead of the dense weight gradient gᵀx (T·d_out·d_in work).
     For real x, X̃[q] = conj(R[q]) for q ≤ d_in/2 and R[d_in - q] past it, R = rfft(x)."""
-    p_bin, q_bin, sign = maps
+    p_bin, q_bin, sp, sq = maps[:4]
     rg = torch.view_as_real(torch.fft.rfft(g.float(), dim=-1)[:, p_bin])
     rx = torch.view_as_real(torch.fft.rfft(x.float(), dim=-1)[:, q_bin])
     re, im = (rg[..., 0] * rx[..., 0]).sum(0), (rg[..., 1] * rx[..., 1]).sum(0)
-    return (re - sign * im) * coef
+    return (re - sp * sq * im) * coef
 
 
 # The spectrum gradient from activation rffts costs ~8 ns per (token, coefficient) on this CPU
@@ -118,40 +133,64 @@ def spectrum_grad(x: torch.Tensor, g: torch.Tensor, maps, coef: float) -> torch.
 # when the layer has more than ~535 weights per coefficient. Measured, T = 77…4096: 640² with
 # n = 1000, dense 25 ms vs rffts 38 ms (4096 tokens); 1280², 24 vs 12 ms; 640×2048, 2.0 vs 0.6 ms.
 FFT_GRAD_AREA = 512
+# Few tokens: ΔW is never formed at all (``sparse_apply`` both ways) when tokens·n·SPARSE_COST is
+# below d_out·d_in. Measured fwd+bwd, n = 1000, sparse vs fused ms: 1280² at 64 tokens 10.4 vs
+# 16.3, at 256 33.1 vs 28.2; 640² at 64 6.7 vs 8.2, at 256 15.3 vs 11.3; 2048→640 at 64 10.7 vs
+# 13.4, at 256 24.3 vs 22.4: the crossover lies near tokens·n = d_out·d_in / 8.
+SPARSE_COST = 8.0
 
 
 class _FourierLinear(torch.autograd.Function):
-    """base(x) + scale·x ΔWᵀ as one matmul with W0 + scale·ΔW (as in inference), with the frozen
-    W0 given no gradient. The spectrum's gradient comes from ``spectrum_grad`` on layers with at
-    least FFT_GRAD_AREA weights per coefficient, which never forms the dense weight gradient (a
-    d_out×d_in matmul per layer per step), else from that dense gradient's rfft2 as in
-    ``_SpectrumToDelta``. Autocast is honoured by hand (the matmul runs in its dtype, as F.linear
-    under autocast would)."""
+    """base(x) + scale·x ΔWᵀ with the frozen W0 given no gradient, in one of two forms:
+
+    * many tokens: one matmul with W0 + scale·ΔW (as in inference); the spectrum's gradient from
+      ``spectrum_grad`` on layers with ≥ FFT_GRAD_AREA weights per coefficient, which never forms
+      the dense weight gradient (a d_out×d_in matmul per layer per step), else from that dense
+      gradient's rfft2 as in ``_SpectrumToDelta``;
+    * few tokens (SPARSE_COST): W0 alone in the matmul and ``sparse_apply`` for the update, in
+      forward and for the input gradient, so no dense ΔW is built at all.
+
+    Autocast is honoured by hand (matmuls in its dtype, as F.linear under autocast would)."""
 
     @staticmethod
     def forward(ctx, x, spectrum, weight, bias, layer, dtype):
-        dw = spectrum_to_delta(spectrum, *layer.maps()[:2], (layer.out_features, layer.in_features),
-                               layer.config.scaling)
-        w = (weight + (layer.scale * dw).to(weight.dtype)).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(x, w)
-        ctx.coef = layer.scale * layer.config.scaling / w.numel()
-        ctx.fft = w.numel() >= FFT_GRAD_AREA * spectrum.numel()
+        d_out, d_in, n = layer.out_features, layer.in_features, spectrum.numel()
+        ctx.scale, ctx.scaling, ctx.shape = layer.scale, layer.config.scaling, (d_out, d_in)
+        ctx.sparse = (x.numel() // d_in) * n * SPARSE_COST < d_out * d_in
+        ctx.fft = ctx.sparse or d_out * d_in >= FFT_GRAD_AREA * n
         ctx.maps = layer.activation_maps() if ctx.fft else layer.maps()[2]
+        b = None if bias is None else bias.to(dtype)
+        if ctx.sparse:
+            _, q_bin, _, sq, rows, _ = ctx.maps
+            delta = sparse_apply(x.reshape(-1, d_in), spectrum, q_bin, sq, rows, d_out, ctx.scaling / d_in)
+            w = weight.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x.to(dtype), w, b) + (ctx.scale * delta).reshape(*x.shape[:-1], d_out).to(dtype)
+        else:
+            dw = spectrum_to_delta(spectrum, *layer.maps()[:2], (d_out, d_in), ctx.scaling)
+            w = (weight + (ctx.scale * dw).to(weight.dtype)).to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x.to(dtype), w, b)
+        ctx.save_for_backward(x, w, spectrum)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, w = ctx.saved_tensors
-        flat, x2d = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = (flat.to(w.dtype) @ w).reshape(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-        gs = None
+        x, w, spectrum = ctx.saved_tensors
+        (d_out, d_in), coef = ctx.shape, ctx.scale * ctx.scaling / (ctx.shape[0] * ctx.shape[1])
+        flat, x2d = grad.reshape(-1, d_out), x.reshape(-1, d_in)
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = flat.to(w.dtype) @ w
+            if ctx.sparse:
+                p_bin, _, sp, _, _, cols = ctx.maps
+                delta = sparse_apply(flat, spectrum, p_bin, sp, cols, d_in, ctx.scaling / d_out)
+                gx = gx + (ctx.scale * delta).to(gx.dtype)
+            gx = gx.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1] and ctx.fft:
-            gs = spectrum_grad(x2d, flat, ctx.maps, ctx.coef)
+            gs = spectrum_grad(x2d, flat, ctx.maps, coef)
         elif ctx.needs_input_grad[1]:
-            dense = flat.float().T @ x2d.float()
-            gs = torch.fft.rfft2(dense).real.reshape(-1)[ctx.maps] * ctx.coef
+            gs = torch.fft.rfft2(flat.float().T @ x2d.float()).real.reshape(-1)[ctx.maps] * coef
         return gx, gs, None, None, None, None
 
 

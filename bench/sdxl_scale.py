@@ -1,0 +1,182 @@
+"""Every method at the true SDXL size: the trainer's own step, memory, sizes and end-of-run exports.
+
+    python -m dreampeft.tiny sdxl /tmp/sdxl-full --size full      # once: random weights, 2 min, 6.3 GB
+    python bench/sdxl_scale.py --model /tmp/sdxl-full [--resolution 256] [--steps 4]
+                               [--methods lora,lora_dash,fourierft,mora,dora,peft_lora]
+
+Each method runs in its own process (peak memory is its own): ``setup`` and ``train_step`` of the
+real trainer, batch 1, fp32, gradient checkpointing, frozen text encoders, one warm-up step, then
+``--steps`` timed steps (median and max). LoRA-Dash launches after half of them; its launch is
+timed apart and its steps reported before and after. ``peft_lora`` is the library baseline: the
+same run with dreampeft's LoRA swapped for peft's (same rank, alpha, targets, optimizer). Then the
+end-of-run exports the trainer writes are timed (the rank-32 diffusers file with its kept energy,
+the native file, and the exact kohya ``.diff`` file for methods whose LoRA export is lossy), and a
+layer of the 1280-channel level (the UNet's bulk) is timed against LoRA at this resolution's token
+count, so a method whose whole step diverges from its layer cost shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+METHODS = {"lora": {"r": 4}, "lora_dash": {"r": 4, "warmup_steps": 10**6, "n_directions": 8},
+           "fourierft": {"n_frequency": 1000, "scaling": 150.0, "init": "zeros"},
+           "mora": {"r": 4, "mora_type": 6}, "dora": {"r": 4}, "peft_lora": {"r": 4}}
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _use_peft(run) -> None:
+    """Swap dreampeft's LoRA for peft's in the run (same r, alpha = r, targets, AdamW settings)."""
+    import peft
+
+    from dreampeft import inject
+
+    unet = run.acc.unwrap_model(run.trained["unet"])
+    inject.remove_adapters(unet, merge=False)
+    cfg = run.cfg.adapter_config("unet")
+    peft.inject_adapter_in_model(peft.LoraConfig(r=cfg.r, lora_alpha=cfg.r, target_modules=cfg.target_modules), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    run.optimizer = torch.optim.AdamW(params, lr=run.cfg.learning_rate)
+    run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)
+
+
+def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
+    """Forward+backward of one 1280² layer with ``method`` over LoRA r4, interleaved, medians."""
+    from torch import nn
+
+    import dreampeft as dp
+    from dreampeft.adapters import get_method
+
+    def make(name):
+        m = nn.Sequential(nn.Linear(1280, 1280))
+        if name == "peft_lora":
+            import peft
+            return peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["0"]), m)
+        cfg = get_method(name).config_cls(**{k: v for k, v in METHODS[name].items() if k != "warmup_steps"},
+                                          target_modules=["0"])
+        dp.inject_adapters(m, cfg)
+        return m
+
+    layers, times = {"lora": make("lora"), method: make(method)}, {"lora": [], method: []}
+    x = torch.randn(tokens, 1280)
+    for _ in range(reps):
+        for name, m in layers.items():
+            xi = x.clone().requires_grad_()
+            t0 = time.perf_counter()
+            m(xi).sum().backward()
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times[method]) / statistics.median(times["lora"])
+
+
+def child(model: str, method: str, steps: int, res: int, workdir: Path) -> dict:
+    from dreampeft.adapters import launch_dash
+    from dreampeft.dreambooth import DreamBoothConfig
+    from dreampeft.dreambooth.finish import peak_memory_mb
+    from dreampeft.dreambooth.train import make_accelerator, setup, train_step
+    from dreampeft.export import export_diffusers, export_kohya_diff, factorize
+    from dreampeft.state import save_adapter
+    from dreampeft.tiny import ASSETS
+    from dreampeft.utils import quiet_libraries
+
+    quiet_libraries()
+    cfg = DreamBoothConfig(pretrained_model_name_or_path=model, instance_data_dir=str(ASSETS / "subject"),
+                           instance_prompt="a photo of sks toy", output_dir=str(workdir / method),
+                           adapter="lora" if method == "peft_lora" else method, adapter_options=METHODS[method],
+                           resolution=res, center_crop=True, gradient_checkpointing=True,
+                           max_train_steps=steps + 1)
+    (run, load_s) = _timed(lambda: setup(cfg, make_accelerator(cfg)))
+    if method == "peft_lora":
+        _use_peft(run)
+    unet = run.acc.unwrap_model(run.trained["unet"])
+    times, launch_s = [], None
+    for step in range(steps + 1):
+        if method == "lora_dash" and step == 1 + steps // 2:
+            launch_s = _timed(lambda: launch_dash(unet))[1]
+        times.append(_timed(lambda: train_step(run, step))[1])
+    result = {"load_s": load_s, "step_s": statistics.median(times[1:]), "max_s": max(times[1:]),
+              "peak_mib": peak_memory_mb(run.device), "trainable": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
+    if method == "lora_dash":
+        half = 1 + steps // 2
+        result.update(before_s=statistics.median(times[1:half]), after_s=statistics.median(times[half:]),
+                      launch_s=launch_s)
+    if method != "peft_lora":
+        models = {"unet": unet}
+        native = save_adapter(models, workdir / f"{method}-native")
+        (factors, svd_s) = _timed(lambda: factorize(models, rank=32))
+        (report, write_s) = _timed(lambda: export_diffusers(models, workdir / f"{method}-d", rank=32, factors=factors))
+        err = report["components"]["unet"]["overall_rel_error"]
+        result.update(native_mb=native.stat().st_size / 1e6, export_s=svd_s + write_s, energy_kept=1 - err ** 2,
+                      diffusers_mb=(workdir / f"{method}-d" / "pytorch_lora_weights.safetensors").stat().st_size / 1e6)
+        if err > 1e-4:  # lossy: the exact A1111/ComfyUI alternative
+            (path, diff_s) = _timed(lambda: export_kohya_diff(models, workdir))
+            result.update(diff_s=diff_s, diff_mb=path.stat().st_size / 1e6)
+    tokens = (res // 8 // 4) ** 2  # the 1280-channel level: latents / 4
+    result["layer_ratio"] = _layer_ratio(method, tokens)
+    return result
+
+
+def _row(method: str, r: dict, lora: dict) -> str:
+    def f(key, fmt="{:.1f}"):
+        return fmt.format(r[key]) if r.get(key) is not None else "–"
+
+    dash = f" (before {r['before_s']:.1f}, after {r['after_s']:.1f}; launch {r['launch_s']:.0f} s)" if "launch_s" in r else ""
+    return (f"| {method} | {r['trainable']:,} | {r['step_s']:.1f}{dash} | {r['max_s']:.1f} | "
+            f"{r['step_s'] / lora['step_s']:.2f} | {r['layer_ratio']:.2f} | {r['peak_mib'] / 1024:.1f} | "
+            f"{f('native_mb')} | {f('export_s')} | {f('energy_kept', '{:.3f}')} | {f('diff_s')} | {f('diff_mb', '{:.0f}')} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a full-size SDXL folder (python -m dreampeft.tiny sdxl "
+                        "DIR --size full)")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.model, args.child[0], args.steps, args.resolution, Path(args.child[1]))))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out or f"bench/results/sdxl_scale_{device}.md")
+    lines = [f"# Full-size SDXL (random weights), {device}, torch {torch.__version__}, {torch.get_num_threads()} "
+             f"threads: {args.resolution} px, batch 1, fp32, gradient checkpointing, median of {args.steps} steps", "",
+             "| method | trainable | s/step | slowest | × lora step | × lora layer (1280²) | peak GiB | "
+             "native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution),
+                   "--steps", str(args.steps), "--child", method, tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if proc.returncode:
+                sys.exit(f"{method}: {proc.stderr[-3000:]}")
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(method, json.dumps(results[method]), flush=True)
+    lora = results.get("lora") or next(iter(results.values()))
+    lines += [_row(m, r, lora) for m, r in results.items()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
