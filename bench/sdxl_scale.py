@@ -84,7 +84,8 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
     return statistics.median(times[method]) / statistics.median(times["lora"])
 
 
-def child(model: str, method: str, steps: int, res: int, workdir: Path) -> dict:
+def child(model: str, method: str, steps: int, res: int, workdir: Path, precision: str = "no",
+          optimizer: str = "adamw", exports: bool = True) -> dict:
     from dreampeft.adapters import launch_dash
     from dreampeft.dreambooth import DreamBoothConfig
     from dreampeft.dreambooth.finish import peak_memory_mb
@@ -99,7 +100,7 @@ def child(model: str, method: str, steps: int, res: int, workdir: Path) -> dict:
                            instance_prompt="a photo of sks toy", output_dir=str(workdir / method),
                            adapter="lora" if method == "peft_lora" else method, adapter_options=METHODS[method],
                            resolution=res, center_crop=True, gradient_checkpointing=True,
-                           max_train_steps=steps + 1)
+                           max_train_steps=steps + 1, mixed_precision=precision, optimizer=optimizer)
     (run, load_s) = _timed(lambda: setup(cfg, make_accelerator(cfg)))
     if method == "peft_lora":
         _use_peft(run)
@@ -109,13 +110,14 @@ def child(model: str, method: str, steps: int, res: int, workdir: Path) -> dict:
         if method == "lora_dash" and step == 1 + steps // 2:
             launch_s = _timed(lambda: launch_dash(unet))[1]
         times.append(_timed(lambda: train_step(run, step))[1])
-    result = {"load_s": load_s, "step_s": statistics.median(times[1:]), "max_s": max(times[1:]),
+    frozen = sum(p.numel() for p in unet.parameters() if not p.requires_grad)
+    result = {"unet_params": frozen, "load_s": load_s, "step_s": statistics.median(times[1:]), "max_s": max(times[1:]),
               "peak_mib": peak_memory_mb(run.device), "trainable": sum(p.numel() for p in unet.parameters() if p.requires_grad)}
     if method == "lora_dash":
         half = 1 + steps // 2
         result.update(before_s=statistics.median(times[1:half]), after_s=statistics.median(times[half:]),
                       launch_s=launch_s)
-    if method != "peft_lora":
+    if exports and method != "peft_lora":
         models = {"unet": unet}
         native = save_adapter(models, workdir / f"{method}-native")
         (factors, svd_s) = _timed(lambda: factorize(models, rank=32))
@@ -141,31 +143,40 @@ def _row(method: str, r: dict, lora: dict) -> str:
             f"{f('native_mb')} | {f('export_s')} | {f('energy_kept', '{:.3f}')} | {f('diff_s')} | {f('diff_mb', '{:.0f}')} |")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a full-size SDXL folder (python -m dreampeft.tiny sdxl "
                         "DIR --size full)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--no_exports", action="store_true", help="steps and memory only")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None, name: str = "sdxl_scale") -> dict:
+    """Runs every method in its own process; returns {"results": per method, "out": the table}."""
+    args = arguments().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.model, args.child[0], args.steps, args.resolution, Path(args.child[1]))))
-        return
+        print(json.dumps(child(args.model, args.child[0], args.steps, args.resolution, Path(args.child[1]),
+                               args.mixed_precision, args.optimizer, not args.no_exports)))
+        return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out or f"bench/results/sdxl_scale_{device}.md")
-    lines = [f"# Full-size SDXL (random weights), {device}, torch {torch.__version__}, {torch.get_num_threads()} "
-             f"threads: {args.resolution} px, batch 1, fp32, gradient checkpointing, median of {args.steps} steps", "",
-             "| method | trainable | s/step | slowest | × lora step | × lora layer (1280²) | peak GiB | "
+    out = Path(args.out or f"bench/results/{name}_{device}.md")
+    weights = {"no": "fp32", "bf16": "bf16 base, fp32 adapters", "fp16": "fp16 base, fp32 adapters"}[args.mixed_precision]
+    lines = ["| method | trainable | s/step | slowest | × lora step | × lora layer (1280²) | peak GiB | "
              "native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution),
-                   "--steps", str(args.steps), "--child", method, tmp]
+                   "--steps", str(args.steps), "--mixed_precision", args.mixed_precision, "--optimizer",
+                   args.optimizer, *(["--no_exports"] if args.no_exports else []), "--child", method, tmp]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 sys.exit(f"{method}: {proc.stderr[-3000:]}")
@@ -173,9 +184,14 @@ def main() -> None:
             print(method, json.dumps(results[method]), flush=True)
     lora = results.get("lora") or next(iter(results.values()))
     lines += [_row(m, r, lora) for m, r in results.items()]
+    peak = "torch.cuda.max_memory_allocated" if device == "cuda" else "the process's max RSS"
+    lines = [f"# SDXL-architecture UNet of {lora['unet_params'] / 1e9:.3f} B parameters (random weights), {device}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads: {args.resolution} px, batch 1, {weights}, "
+             f"{args.optimizer}, gradient checkpointing, median of {args.steps} steps; peak: {peak}", "", *lines]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nwritten to {out}")
+    return {"results": results, "out": out}
 
 
 if __name__ == "__main__":

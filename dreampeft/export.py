@@ -303,18 +303,13 @@ def export_peft(models: dict, out_dir: str | Path, base_model: str | None = None
 
 
 # -- merged pipeline and the command line ---------------------------------------------------
-def export_merged(base_model: str, adapter: str | Path, out_dir: str | Path, scale: float = 1.0) -> Path:
-    """A full pipeline folder with ΔW fused into the base weights (exact for every method)."""
-    _check_empty(Path(out_dir))
-    return save_merged(*_load_components(base_model, adapter), out_dir, scale)
-
-
 def _check_empty(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"--out {out_dir} exists and is not an empty folder; choose a new folder")
 
 
 def save_merged(pipe, components: dict, out_dir: str | Path, scale: float = 1.0) -> Path:
+    """Merge the adapters into ``pipe`` for good (removing them) and write it."""
     from .inject import remove_adapters, set_adapter_scale
 
     out_dir = Path(out_dir)
@@ -322,6 +317,22 @@ def save_merged(pipe, components: dict, out_dir: str | Path, scale: float = 1.0)
     for model in components.values():
         set_adapter_scale(model, scale)
         remove_adapters(model, merge=True)
+    return _save_pipeline(pipe, out_dir)
+
+
+def save_merged_copy(pipe, components: dict, out_dir: str | Path) -> Path:
+    """Write ``pipe`` with ΔW fused in while its models keep their adapters, unchanged
+    (``inject.merged_copies``): the trainer's merged export, from the models in memory instead of
+    a second pipeline loaded from disk (the weights keep the precision they were trained in)."""
+    from .inject import merged_copies
+
+    out_dir = Path(out_dir)
+    _check_empty(out_dir)
+    with merged_copies(*components.values()):
+        return _save_pipeline(pipe, out_dir)
+
+
+def _save_pipeline(pipe, out_dir: Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")  # a full disk leaves no half pipeline behind
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -153,3 +153,28 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
             layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
     return model
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def merged_copies(*models: nn.Module):
+    """Inside the block every adapter layer is replaced by a plain Linear holding a new tensor
+    W0 + scale·ΔW (summed in float32, then cast, as ``merge`` does); on exit the adapter layers go
+    back untouched. For writing a merged model from the one in memory without changing it (``merge``
+    then ``unmerge`` would leave rounding in W0); costs one copy of the adapted weights meanwhile."""
+    swapped = []
+    try:
+        for model in models:
+            for name, layer in adapter_layers(model).items():
+                base, w = layer.base_layer, layer.base_layer.weight
+                plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+                if layer.enabled and not layer.merged and layer.scale != 0:  # else W0 already is the weight
+                    w = (w.float() + layer.scale * layer.delta_weight()).to(w.dtype)
+                plain.weight = nn.Parameter(w, requires_grad=False)
+                plain.bias = base.bias
+                _set_submodule(model, name, plain)
+                swapped.append((model, name, layer))
+        yield
+    finally:
+        for model, name, layer in swapped:
+            _set_submodule(model, name, layer)

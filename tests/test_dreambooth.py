@@ -147,7 +147,13 @@ def test_text_encoder_training_saves_all_components(tiny_sdxl, instance_dir, tmp
         assert f.metadata()["ss_network_module"] and all(k.endswith(".diff") for k in f.keys())
         assert any(k.startswith("lora_te2_") for k in f.keys())
     assert sorted(p.name for p in (out / "peft").iterdir()) == ["text_encoder", "text_encoder_2", "unet"]
-    assert (out / "merged" / "model_index.json").exists()
+    from diffusers import StableDiffusionXLPipeline
+
+    merged = StableDiffusionXLPipeline.from_pretrained(out / "merged")  # written from the run's own models
+    adapted = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    dp.load_into_pipeline(adapted, out)
+    assert not dp.adapter_layers(merged.unet)
+    torch.testing.assert_close(unet_output(merged), unet_output(adapted), rtol=1e-4, atol=1e-5)
     manifest = dp.read_manifest(out)[1]
     assert set(manifest["components"]) == {"unet", "text_encoder", "text_encoder_2"}
     targets = manifest["components"]["text_encoder"]["targets"]

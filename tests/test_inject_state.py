@@ -11,7 +11,7 @@ from torch import nn
 
 import dreampeft as dp
 
-from .cases import MLP, build, randomize_adapters, run
+from .cases import METHOD_CASES, MLP, build, randomize_adapters, run
 
 
 def test_unet_gets_four_layers_per_attention_module():
@@ -153,3 +153,22 @@ def test_remove_adapters_with_merge_keeps_outputs():
         dp.remove_adapters(model, merge=True)
         assert type(model.up) is nn.Linear and not dp.adapter_layers(model)
         torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_CASES))
+@torch.no_grad()
+def test_merged_copies_write_the_merged_model_and_leave_the_adapted_one_as_it_was(method):
+    """What the trainer's merged export saves: inside the block, plain Linear layers whose weights
+    give the adapted outputs; after it, the adapter layers (the same objects) and W0 bit for bit."""
+    unet = build("unet")
+    dp.inject_adapters(unet, METHOD_CASES[method](list(dp.UNET_ATTENTION)))
+    randomize_adapters(unet)
+    layers, before = dp.adapter_layers(unet), {k: v.clone() for k, v in unet.state_dict().items()}
+    out = run("unet", unet)
+    with dp.inject.merged_copies(unet):
+        assert not dp.adapter_layers(unet) and "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight" \
+            in unet.state_dict()  # the plain layout a diffusers UNet saves and loads
+        torch.testing.assert_close(run("unet", unet), out, rtol=1e-4, atol=1e-5)
+    assert dp.adapter_layers(unet) == layers
+    assert all(torch.equal(v, before[k]) for k, v in unet.state_dict().items())
+    assert torch.equal(run("unet", unet), out)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import inject
-from ..export import (DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_kohya_diff, export_merged, export_peft,
-                      factorize)
+from ..export import (DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_kohya_diff, export_peft, factorize,
+                      save_merged_copy)
 from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card
@@ -110,7 +110,7 @@ def _write_final(run, models: dict, staged: Path, meta: dict, images: list[str])
     if "peft" in cfg.extra_exports:
         export_peft(models, staged / "peft", base_model=cfg.pretrained_model_name_or_path)
     if "merged" in cfg.extra_exports:
-        export_merged(cfg.pretrained_model_name_or_path, staged, staged / "merged")
+        save_merged_copy(run.pipeline(), models, staged / "merged")
     trainable = sum(inject.trainable_parameter_count(m) for m in models.values())
     write_model_card(staged, cfg, trainable, run.total_steps, report, images, run_dir=out, buckets=run.buckets,
                      fidelity=run.evaluator.history.rows if run.evaluator else [], exported=run.exported)

@@ -1,0 +1,23 @@
+"""The benchmark scripts run (their figures are in bench/results; here only that they work)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_bench_runs_every_method_on_the_cpu_path(tiny_sdxl, tmp_path):
+    """bench/gpu_sdxl.py's CPU path on the tiny SDXL: one row per method, bf16 base, the peak."""
+    out = tmp_path / "gpu.md"
+    proc = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--model", str(tiny_sdxl), "--resolution", "64",
+                           "--steps", "1", "--methods", "lora,fourierft,mora", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    assert "bf16 base, fp32 adapters" in table and "peak: the process's max RSS" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split(" | ")[0] for r in rows] == ["| lora", "| fourierft", "| mora"]
+    assert all(float(r.split(" | ")[2].split()[0]) > 0 for r in rows)  # s/step measured
