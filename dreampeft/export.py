@@ -168,6 +168,11 @@ def sgm_name(name: str, layers_per_block: int) -> str:
     raise ValueError(f"{name}: only attention layers of the UNet blocks have an SGM name for kohya export")
 
 
+def block_layers(model) -> int:
+    """The UNet's ``layers_per_block`` (SGM block numbering depends on it); text encoders: unused."""
+    return getattr(getattr(model, "config", None), "layers_per_block", 2)
+
+
 def kohya_key(component: str, name: str, layers_per_block: int) -> str:
     if component == "unet":
         name = sgm_name(name, layers_per_block)
@@ -185,7 +190,7 @@ def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
         factors = factorize(models, rank if rank or energy else 32, energy, dora=False)
     tensors = {}
     for comp, exports in factors.items():
-        lpb = getattr(getattr(models[comp], "config", None), "layers_per_block", 2)
+        lpb = block_layers(models[comp])
         for name, e in exports.items():
             key = kohya_key(comp, name, lpb)
             tensors[f"{key}.lora_down.weight"] = e.down.cpu()
@@ -211,7 +216,7 @@ def export_kohya_diff(models: dict, out_dir: str | Path, dtype: torch.dtype = to
     1.9 GB in fp16)."""
     tensors = {}
     for comp, model in models.items():
-        lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
+        lpb = block_layers(model)
         for name, layer in adapter_layers(model).items():
             tensors[f"{kohya_key(comp, name, lpb)}.diff"] = (layer.scale * layer.delta_weight()).to(dtype).cpu()
     if not tensors:

@@ -249,7 +249,7 @@ def test_randomised_low_rank_export_is_near_optimal_and_reports_its_exact_error(
 def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl, tmp_path):
     """``.diff`` keys under the kohya LoRA file's own names (the ones diffusers' SGM converter reads
     in the test above); adding each to its weight, as ComfyUI's loader does, gives the adapted model."""
-    from dreampeft.export import export_kohya, export_kohya_diff, kohya_key
+    from dreampeft.export import block_layers, export_kohya, export_kohya_diff, kohya_key
     from safetensors.torch import load_file
 
     ours = _adapted(medium_sdxl, method)
@@ -261,10 +261,9 @@ def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl
     with torch.no_grad():
         for comp in COMPONENTS:
             model = getattr(theirs, comp)
-            lpb = getattr(getattr(model, "config", None), "layers_per_block", 2)
             for name in dp.inject.adapter_layers(models[comp]):
                 weight = model.get_submodule(name).weight
-                weight += diff.pop(f"{kohya_key(comp, name, lpb)}.diff")
+                weight += diff.pop(f"{kohya_key(comp, name, block_layers(model))}.diff")
     assert not diff  # every key found its layer
     torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-5)
     for comp in ("text_encoder", "text_encoder_2"):

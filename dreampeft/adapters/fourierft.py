@@ -117,11 +117,12 @@ def sparse_apply(x: torch.Tensor, spectrum: torch.Tensor, src, sign, dst, d_dst:
 
 
 def spectrum_grad(x: torch.Tensor, g: torch.Tensor, maps, coef: float) -> torch.Tensor:
-    """dL/dc_k = coef · Σ_t Re(G̃_t[p_k] · X̃_t[q_k]), X̃[q] = Σ_c x_c e^{+2πi qc/d_in}: the gradient
-    of y = x ΔWᵀ with respect to the spectrum from rffts of the T activations and output
-    gradients (T·d·log d work) instead of the dense weight gradient gᵀx (T·d_out·d_in work).
-    For real x, X̃[q] = conj(R[q]) for q ≤ d_in/2 and R[d_in - q] past it, R = rfft(x)."""
+    """dL/dc_k = coef · Σ_t Re(G̃_t[p_k] · X̃_t[q_k]) (``twiddled``): the gradient of y = x ΔWᵀ with
+    respect to the spectrum from rffts of the T activations and output gradients (T·d·log d work)
+    instead of the dense weight gradient gᵀx (T·d_out·d_in work)."""
     p_bin, q_bin, sp, sq = maps[:4]
+    # Re(G̃·X̃) = Re·Re − σ_p σ_q Im·Im on real views: the complex product of two ``twiddled``
+    # (T, n) arrays measured 1.1–1.8x slower here (an extra T×n complex temporary)
     rg = torch.view_as_real(torch.fft.rfft(g.float(), dim=-1)[:, p_bin])
     rx = torch.view_as_real(torch.fft.rfft(x.float(), dim=-1)[:, q_bin])
     re, im = (rg[..., 0] * rx[..., 0]).sum(0), (rg[..., 1] * rx[..., 1]).sum(0)
