@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-METHODS = {"lora": {"r": 4}, "lora_dash": {"r": 4, "warmup_steps": 10**6, "n_directions": 8},
+METHODS = {"lora": {"r": 4}, "lora_dash": {"r": 4, "n_directions": 8},
            "fourierft": {"n_frequency": 1000, "scaling": 150.0, "init": "zeros"},
            "mora": {"r": 4, "mora_type": 6}, "dora": {"r": 4}, "peft_lora": {"r": 4}}
 
@@ -68,8 +68,7 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
         if name == "peft_lora":
             import peft
             return peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["0"]), m)
-        cfg = get_method(name).config_cls(**{k: v for k, v in METHODS[name].items() if k != "warmup_steps"},
-                                          target_modules=["0"])
+        cfg = get_method(name).config_cls(**METHODS[name], target_modules=["0"])
         dp.inject_adapters(m, cfg)
         return m
 

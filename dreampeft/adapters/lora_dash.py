@@ -117,9 +117,18 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return True
 
 
+def _launch(due: list[tuple[str, "LoRADashLayer"]]) -> list[str]:
+    if len(due) > 16:  # one full SVD of W0 per layer: minutes at SDXL's size, so show them passing
+        from tqdm.auto import tqdm
+
+        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0)", leave=False)
+    return [n for n, m in due if m.launch()]
+
+
 def launch_dash(model: nn.Module) -> list[str]:
     """Launch every LoRA-Dash layer of ``model`` that has not launched; returns their names."""
-    return [n for n, m in model.named_modules() if isinstance(m, LoRADashLayer) and m.launch()]
+    return _launch([(n, m) for n, m in model.named_modules()
+                    if isinstance(m, LoRADashLayer) and not bool(m.dash_active)])
 
 
 def dash_step(model: nn.Module, completed_steps: int) -> list[str]:
@@ -128,13 +137,8 @@ def dash_step(model: nn.Module, completed_steps: int) -> list[str]:
     Launches each layer whose ``warmup_steps`` have been reached (steps 0…t-1 are plain LoRA);
     idempotent, so resuming from a checkpoint never launches twice.
     """
-    due = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRADashLayer)
-           and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)]
-    if len(due) > 16:  # one full SVD of W0 per layer: minutes at SDXL's size, so show them passing
-        from tqdm.auto import tqdm
-
-        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0)", leave=False)
-    return [n for n, m in due if m.launch()]
+    return _launch([(n, m) for n, m in model.named_modules() if isinstance(m, LoRADashLayer)
+                    and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)])
 
 
 def is_dash_active(model: nn.Module) -> bool:
