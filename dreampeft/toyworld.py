@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
@@ -35,14 +36,18 @@ POSITIONS = {"center": (0.5, 0.5), "top left": (0.27, 0.27), "top right": (0.73,
 SIZES = {"small": 0.22, "large": 0.42}  # object diameter as a share of the image side
 # Objects the base model never sees: a new shape, and a known shape with a new surface pattern.
 SUBJECTS = {"star": ("star", "orange"), "striped_ball": ("circle", "red_white_stripes")}
-OBJECTS = SHAPES + tuple(SUBJECTS)  # the judge's object classes
+# Another one for choosing learning rates (``python -m dreampeft.toy sweep``): tuning on the subjects
+# that are reported would flatter the methods tuned hardest.
+TUNING_SUBJECTS = {"cross": ("cross", "purple")}  # not a recontext background colour
+ALL_SUBJECTS = {**SUBJECTS, **TUNING_SUBJECTS}
+OBJECTS = SHAPES + tuple(ALL_SUBJECTS)  # the judge's object classes
 STRIPE_COLOURS = OBJECT_COLOURS + ("white",)  # for ``striped`` objects (the VAE's training set only)
 
 
 @dataclass(frozen=True)
 class Scene:
-    shape: str  # one of SHAPES, or a SUBJECTS key
-    colour: str  # a COLOURS key (a subject's own surface for SUBJECTS)
+    shape: str  # one of SHAPES, or an ALL_SUBJECTS key
+    colour: str  # a COLOURS key (a subject's own surface for ALL_SUBJECTS)
     size: str
     position: str
     background: str
@@ -64,18 +69,33 @@ class Scene:
 
 
 def sample_scene(rng: random.Random, subject: str | None = None, mention_p: float = 0.7) -> Scene:
-    """A random scene of the base world, or one showing ``subject`` (a SUBJECTS key)."""
-    shape, colour = (subject, SUBJECTS[subject][1]) if subject else (rng.choice(SHAPES), rng.choice(OBJECT_COLOURS))
+    """A random scene of the base world, or one showing ``subject`` (an ALL_SUBJECTS key)."""
+    shape, colour = (subject, ALL_SUBJECTS[subject][1]) if subject else (rng.choice(SHAPES), rng.choice(OBJECT_COLOURS))
     background = rng.choice([b for b in BACKGROUNDS if b != colour])
     mention = tuple(a for a in ("size", "position", "background") if rng.random() < mention_p)
     return Scene(shape, colour, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)), background,
                  (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), rng.uniform(-12, 12), mention)
 
 
+def asked(prompt: str) -> dict[str, str]:
+    """The size, position and background a prompt asks for, in the captions' words ("a small sks
+    object in the top left corner on a green background" → all three); what it does not name is absent."""
+    found = {}
+    words = re.findall(r"[a-z]+", prompt.lower())
+    found.update({"size": w for w in words if w in SIZES})
+    for position in POSITIONS:
+        if ("in the center" if position == "center" else f"in the {position} corner") in prompt.lower():
+            found["position"] = position
+    background = re.search(r"on an? ([a-z]+) background", prompt.lower())
+    if background and background.group(1) in BACKGROUNDS:
+        found["background"] = background.group(1)
+    return found
+
+
 def world_sample(seed: int, index: int, subject_rate: float = 0.0) -> Scene:
     """Scene ``index`` of the world with this seed: the same on every machine and run."""
     rng = random.Random(seed * 1_000_003 + index)
-    subject = rng.choice(list(SUBJECTS)) if rng.random() < subject_rate else None
+    subject = rng.choice(list(ALL_SUBJECTS)) if rng.random() < subject_rate else None
     return sample_scene(rng, subject)
 
 
@@ -105,6 +125,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         pts = [(k * math.pi / 2, r) for k in range(4)]
     elif shape == "triangle":
         pts = [(-math.pi / 2 + k * 2 * math.pi / 3, r) for k in range(3)]
+    elif shape == "cross":  # a plus sign, arms 0.6 r wide: 12 corners
+        w = 0.3 * r
+        corners = [(w, r), (w, w), (r, w), (r, -w), (w, -w), (w, -r), (-w, -r), (-w, -w), (-r, -w), (-r, w),
+                   (-w, w), (-w, r)]
+        pts = [(math.atan2(y, x), math.hypot(x, y)) for x, y in corners]
     else:  # star: five points, inner radius 0.45 r
         pts = [(-math.pi / 2 + k * math.pi / 5, r if k % 2 == 0 else 0.45 * r) for k in range(10)]
     a = math.radians(angle)
@@ -114,7 +139,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 def _geometry(scene: Scene, side: int) -> tuple[str, float, float, float]:
     """(base shape, centre x, centre y, radius) in pixels of a ``side``-pixel canvas."""
     px, py = POSITIONS[scene.position]
-    shape = SUBJECTS[scene.shape][0] if scene.shape in SUBJECTS else scene.shape
+    shape = ALL_SUBJECTS[scene.shape][0] if scene.shape in ALL_SUBJECTS else scene.shape
     return shape, (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side, SIZES[scene.size] * side / 2
 
 

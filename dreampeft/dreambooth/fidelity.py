@@ -56,8 +56,11 @@ def make_plan(cfg, toy: bool) -> EvalPlan:
     identifier = subject.split()[0] if len(subject.split()) > 1 else subject
     class_prompt = cfg.eval_class_prompt or cfg.class_prompt or " ".join(
         w for w in cfg.instance_prompt.split() if w != identifier)
-    if cfg.eval_prompts:
-        return EvalPlan(list(cfg.eval_prompts), [{} for _ in cfg.eval_prompts], class_prompt, cfg.eval_images)
+    if cfg.eval_prompts:  # on the toy, the judge reads whatever size, position and background they name
+        from ..toyworld import asked
+
+        attributes = [asked(p) if toy else {} for p in cfg.eval_prompts]
+        return EvalPlan(list(cfg.eval_prompts), attributes, class_prompt, cfg.eval_images)
     if toy:
         from ..toy.bench import RECONTEXT
 
@@ -98,11 +101,11 @@ class Metrics:
     def _known_subject(self) -> int | None:
         from ..toy.evaluate import judge_images
         from ..toy.models import HEADS
-        from ..toyworld import SUBJECTS
+        from ..toyworld import ALL_SUBJECTS
 
         votes = judge_images(self.judge, [im.resize((64, 64)) for im in self.real])["object"].argmax(-1)
         top = int(votes.mode().values)
-        return top if HEADS["object"][top] in SUBJECTS else None
+        return top if HEADS["object"][top] in ALL_SUBJECTS else None
 
     @torch.no_grad()
     def features(self, images: list) -> torch.Tensor:

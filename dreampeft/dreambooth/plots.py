@@ -61,3 +61,22 @@ def pareto_plot(runs: dict[str, list[dict]], path: Path, chosen: dict[str, int] 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
+    """Subject against prompt fidelity, one point per method ± one standard deviation over its
+    training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    for name, r in cells.items():
+        if name == "base":
+            ax.scatter([r["prompt"]], [r["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
+        else:
+            ax.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
+                        fmt="o", ms=7, capsize=3, label=name)
+    ax.set(xlabel="prompt fidelity", ylabel=f"subject fidelity: {subject}", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

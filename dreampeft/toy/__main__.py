@@ -2,9 +2,9 @@
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
-    python -m dreampeft.toy bench [--methods lora,mora] [--out toy_bench]
+    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe plain|full] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
-    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--subject star] [--out toy_sweep]
+    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from . import TOY_MODEL
 from ..adapters import METHODS, ConfigError
 from ..presets import parse_methods
 from .bench import BENCH_STEPS
-from ..toyworld import SUBJECTS
+from ..toyworld import ALL_SUBJECTS, SUBJECTS
+from .recipe import RECIPES
 from .pretrain import PretrainConfig, pretrain
 
 
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--methods", default=",".join(METHODS))
     ben.add_argument("--steps", type=int, default=BENCH_STEPS)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
+    ben.add_argument("--train_seeds", type=int, default=3, help="training runs per method and subject")
+    ben.add_argument("--recipe", default="plain", choices=list(RECIPES), help="trainer options (toy/recipe.py)")
     ben.add_argument("--out", default="toy_bench")
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
@@ -51,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--methods", default=",".join(METHODS))
     swp.add_argument("--factors", default="0.25,0.5,1,2,4")
     swp.add_argument("--steps", type=int, default=BENCH_STEPS)
-    swp.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
+    swp.add_argument("--subject", default="cross", choices=sorted(ALL_SUBJECTS),
+                     help="default: the tuning subject, which the bench does not report")
+    swp.add_argument("--recipe", default="plain", choices=list(RECIPES))
+    swp.add_argument("--seeds", type=int, default=2, help="images per recontext prompt")
+    swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
+                     "(for the methods that have it)")
     swp.add_argument("--out", default="toy_sweep")
     args = p.parse_args(argv)
     from ..utils import quiet_libraries
@@ -86,14 +94,17 @@ def main(argv: list[str] | None = None) -> int:
             option_study(args.model, args.out, methods, args.train_seeds, args.steps, args.seeds,
                          [s.strip() for s in args.subjects.split(",") if s.strip()], log=lambda m: print(m, flush=True))
         else:
-            _bench(args, methods)
+            _bench(p, args, methods)
     return 0
 
 
-def _bench(args, methods: list[str]) -> None:
+def _bench(p, args, methods: list[str]) -> None:
     from .bench import results_table, run_bench
 
-    results = run_bench(args.model, args.out, methods, args.steps, args.seeds, log=lambda m: print(m, flush=True))
+    if args.train_seeds < 1 or args.seeds < 1:
+        p.error(f"bench: --train_seeds and --seeds must be at least 1 (got {args.train_seeds}, {args.seeds})")
+    results = run_bench(args.model, args.out, methods, args.steps, args.seeds, train_seeds=args.train_seeds,
+                        recipe=args.recipe, log=lambda m: print(m, flush=True))
     print(results_table(results, ["base", *methods]))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {args.out}/grid.png")
@@ -110,10 +121,20 @@ def _sweep(p, args, methods: list[str]) -> None:
         p.error(f"--factors: {args.factors!r} is not a comma-separated list of numbers (e.g. 0.5,1,2)")
     if not factors or min(factors) <= 0:
         p.error(f"--factors: give positive multipliers of the default rate (got {args.factors!r})")
-    best = sweep_lr(args.model, args.out, methods, factors, args.steps, subject=args.subject,
-                    log=lambda m: print(m, flush=True))
+    grid = None
+    if args.grid:
+        key, _, values = args.grid.partition("=")
+        try:
+            grid = {key.strip(): [float(v) for v in values.split(",") if v.strip()]}
+        except ValueError:
+            grid = None
+        if not key.strip() or not grid or not grid[key.strip()]:
+            p.error(f"--grid: want OPTION=V1,V2,... with numbers, e.g. scaling=75,150,300 (got {args.grid!r})")
+    best = sweep_lr(args.model, args.out, methods, factors, args.steps, args.seeds, args.subject, args.recipe,
+                    option_grid=grid, log=lambda m: print(m, flush=True))
     print((Path(args.out) / "sweep.md").read_text())
-    print("best: " + ", ".join(f"{m} {lr:g}" for m, lr in best.items()))
+    print("best: " + ", ".join(f"{m} lr {b['lr']:g}" + "".join(f" {k}={v:g}" for k, v in b["options"].items())
+                               for m, b in best.items()))
 
 
 if __name__ == "__main__":

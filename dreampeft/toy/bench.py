@@ -21,11 +21,13 @@ import numpy as np
 import torch
 
 from ..dreambooth import DreamBoothConfig, train
+from ..dreambooth.plots import method_pareto
 from ..presets import RESOLUTION, TOY, method_preset
 from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
 from .models import HEADS
+from .recipe import RECIPES, recipe_options, write_class_images
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
@@ -56,11 +58,13 @@ def write_masks(subject: str, folder: Path, n: int = 5) -> Path:
 
 def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: int, seed: int = 0,
                   lr: float | None = None, **options) -> dict:
-    """``options``: further DreamBoothConfig fields (masked loss, caption dropout, EMA, ...)."""
+    """``options``: further DreamBoothConfig fields (masked loss, caption dropout, EMA, ...);
+    ``adapter_options`` among them override the toy preset's method options."""
     spec = method_preset(TOY, method)
+    adapter_options = {**spec.options, **options.pop("adapter_options", {})}
     cfg = DreamBoothConfig(
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
-        instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=spec.options,
+        instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=adapter_options,
         learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps, train_batch_size=2,
         seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True, **options)
     t0 = time.perf_counter()
@@ -108,72 +112,105 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
 
 
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = BENCH_STEPS,
-              seeds: int = 4, subjects: list[str] | None = None, log=print) -> dict:
-    """Train every method on every subject, generate the recontext prompts, score; write
-    ``results.json``, ``results.md`` and ``grid.png`` into ``out``."""
+              seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "plain",
+              log=print) -> dict:
+    """Train every method on every subject ``train_seeds`` times with ``recipe``, generate the
+    recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
+    ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``."""
     out = Path(out)
     pipe, judge = _load(model_dir)
     prompts, base_images = generations(pipe, seeds)
+    class_dir = write_class_images(pipe, out / "class") if RECIPES[recipe].get("with_prior_preservation") else None
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
         folder = write_subject(subject, out / "subjects" / subject)
+        options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
         grid.append([render(s) for s in subject_scenes(subject, 5)])
         grid.append(base_images[::seeds])
         results[f"base/{subject}"] = score(judge, base_images, prompts, subject)
         for method in methods:
-            r, images = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / f"{subject}-{method}",
-                               steps, seeds)
-            results[f"{method}/{subject}"] = r
-            grid.append(images[::seeds])
-            log(f"{subject} {method}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}, {r['train_s']:.0f} s")
+            runs = []
+            for seed in range(train_seeds):
+                r, images = _learn(pipe, judge, model_dir, folder, subject, method,
+                                   out / "runs" / f"{subject}-{method}-{seed}", steps, seeds, seed=seed, **options)
+                runs.append(r)
+                grid += [images[::seeds]] if seed == 0 else []
+                log(f"{subject} {method} seed {seed}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}, "
+                    f"{r['train_s']:.0f} s")
+            results[f"{method}/{subject}"] = summarise(runs)
+        method_pareto({row: results[f"{row}/{subject}"] for row in ["base", *methods]}, subject,
+                      out / f"pareto-{subject}.png")
     image_grid(grid).save(out / "grid.png")
-    (out / "results.json").write_text(json.dumps({"steps": steps, "seeds": seeds, "prompts": list(RECONTEXT),
-                                                  "results": results}, indent=1) + "\n")
-    table = results_table(results, ["base", *methods], subjects)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe,
+         "recipe_options": RECIPES[recipe], "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
+    (out / "results.md").write_text(results_table(results, ["base", *methods], subjects) + "\n")
     return results
 
 
+def summarise(runs: list[dict]) -> dict:
+    """One cell from its training seeds: means, their sample standard deviation (``*_sd``; 0 for
+    one seed) and the runs themselves."""
+    cell = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    for k in ("subject", "prompt"):
+        cell[f"{k}_sd"] = float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
+    cell["trainable"] = runs[0]["trainable"]
+    return {**cell, "runs": runs}
+
+
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
-             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "star", log=print) -> dict:
-    """Each method at its toy preset's rate times each factor, on one subject: subject and
-    prompt fidelity per rate, written to ``sweep.json``/``sweep.md``. The rate with the best
-    subject + prompt fidelity is marked; it is what the toy preset in ``dreampeft.presets`` should hold."""
+             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "cross", recipe: str = "plain",
+             option_grid: dict[str, list] | None = None, log=print) -> dict:
+    """Each method at its toy preset's rate times each factor — and, for the methods that have it,
+    each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
+    (by default the tuning subject, never a reported one): subject and prompt fidelity per setting,
+    written to ``sweep.json``/``sweep.md``. Returns the setting with the best subject + prompt
+    fidelity per method ({"lr", "options"}): what the toy preset in ``dreampeft.presets`` should hold."""
     out = Path(out)
     pipe, judge = _load(model_dir)
-    folder, rows = write_subject(subject, out / "subjects" / subject), {}
+    folder = write_subject(subject, out / "subjects" / subject)
+    class_dir = write_class_images(pipe, out / "class") if RECIPES[recipe].get("with_prior_preservation") else None
+    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
+    rows = []
     for method in methods:
+        key, values = next(iter((option_grid or {None: [None]}).items()))
+        variants = [{key: v} for v in values] if key in method_preset(TOY, method).options else [{}]
         for f in factors:
-            lr = method_preset(TOY, method).lr * f
-            r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / f"{method}-{lr:g}",
-                          steps, seeds, lr)
-            rows[(method, lr)] = r
-            log(f"{method} lr {lr:g}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
-    def merit(key):
-        return rows[key]["subject"] + rows[key]["prompt"]
-
-    best = {m: max((key for key in rows if key[0] == m), key=merit)[1] for m in methods}
-    lines = ["| method | lr | subject | prompt |", "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {lr:g}{' (best)' if best[m] == lr else ''} | {r['subject']:.3f} | {r['prompt']:.3f} |"
-              for (m, lr), r in rows.items()]
+            for variant in variants:
+                lr = method_preset(TOY, method).lr * f
+                name = f"{method}-{lr:g}" + "".join(f"-{k}{v:g}" for k, v in variant.items())
+                r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / name, steps, seeds, lr,
+                              adapter_options=variant, **options)
+                rows.append({"method": method, "lr": lr, "options": variant, **r})
+                log(f"{name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
+    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["subject"] + r["prompt"]) for m in methods}
+    lines = ["| method | lr | options | subject | prompt |", "|---|---:|---|---:|---:|"]
+    lines += [f"| {r['method']} | {r['lr']:g}{' (best)' if best[r['method']] is r else ''} | "
+              f"{', '.join(f'{k}={v:g}' for k, v in r['options'].items()) or '–'} | {r['subject']:.3f} | "
+              f"{r['prompt']:.3f} |" for r in rows]
+    best = {m: {"lr": r["lr"], "options": r["options"]} for m, r in best.items()}
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "best": best,
-                                                "runs": [{"method": m, "lr": lr, **r} for (m, lr), r in rows.items()]},
-                                               indent=1) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "recipe": recipe,
+                                                "best": best, "runs": rows}, indent=1) + "\n")
     return best
 
 
 def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
+    """Markdown: per method the trainable parameters, step time, subject fidelity per subject and
+    the mean prompt fidelity, as mean ± sd over training seeds where there were several."""
     subjects = subjects or list(SUBJECTS)
+
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key]:.3f}" + (f" ± {r[key + '_sd']:.3f}" if len(r.get("runs", [])) > 1 else "")
+
     head = ("| method | trainable | step ms | " + " | ".join(f"subject: {s}" for s in subjects)
-            + " | subject (mean) | prompt fidelity |")
-    lines = [head, "|---|" + "---:|" * (4 + len(subjects))]
+            + " | subject (mean) | " + " | ".join(f"prompt: {s}" for s in subjects) + " |")
+    lines = [head, "|---|" + "---:|" * (3 + 2 * len(subjects))]
     for row in rows:
         r = [results[f"{row}/{s}"] for s in subjects]
         trainable = f"{r[0]['trainable']:,}" if "trainable" in r[0] else "–"
         step = f"{np.mean([x['step_ms'] for x in r]):.0f}" if "step_ms" in r[0] else "–"
-        per = " | ".join(f"{x['subject']:.3f}" for x in r)
-        lines.append(f"| {row} | {trainable} | {step} | {per} | {np.mean([x['subject'] for x in r]):.3f} | "
-                     f"{np.mean([x['prompt'] for x in r]):.3f} |")
+        lines.append(f"| {row} | {trainable} | {step} | {' | '.join(cell(x, 'subject') for x in r)} | "
+                     f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(cell(x, 'prompt') for x in r)} |")
     return "\n".join(lines)

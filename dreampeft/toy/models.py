@@ -17,15 +17,22 @@ from ..tiny import TE1_HIDDEN, TE2_HIDDEN, TE2_PROJ, TIME_DIM
 LATENT_SIDE = 16
 
 
-def build_toy_unet(seed: int = 0):
+ATTENTION_16 = ("none", "up", "both")  # where the 16×16 level has (self- and cross-) attention
+
+
+def build_toy_unet(seed: int = 0, attention_16: str = "none"):
     from diffusers import UNet2DConditionModel
 
+    if attention_16 not in ATTENTION_16:
+        raise ValueError(f"attention_16 must be one of {', '.join(ATTENTION_16)} (got {attention_16!r})")
+    first_down = "CrossAttnDownBlock2D" if attention_16 == "both" else "DownBlock2D"
+    last_up = "UpBlock2D" if attention_16 == "none" else "CrossAttnUpBlock2D"
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=LATENT_SIDE, in_channels=4, out_channels=4, norm_num_groups=16, use_linear_projection=True,
         block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=(2, 4, 4),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(first_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         transformer_layers_per_block=(1, 1, 1), cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM,
         projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ)

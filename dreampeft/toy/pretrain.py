@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..toyworld import object_mask, render, striped, world_sample
-from .models import HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
+from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
 
@@ -133,8 +133,7 @@ def toy_scheduler():
                                   prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, sample_fn=None,
-               snr_floor: float = 0.0):
+def train_unet(latents, text, encoders, c: "PretrainConfig", log, sample_fn=None):
     """UNet and both text encoders, jointly; returns the EMA copies (unet, encoder, encoder_2).
 
     The encoders start as the tiny random CLIP pair. Frozen, they left the UNet nearly blind to the
@@ -146,10 +145,11 @@ def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, 
     from ..dreambooth.models import encode_prompts
 
     (mean, std), (ids, index) = latents, text
-    models = torch.nn.ModuleList([build_toy_unet(seed), *encoders]).train().requires_grad_(True)
+    steps, batch, seed = c.unet_steps, c.batch, c.seed
+    models = torch.nn.ModuleList([build_toy_unet(seed, c.attention_16), *encoders]).train().requires_grad_(True)
     ema = copy.deepcopy(models).requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(toy_scheduler().config)
-    opt = torch.optim.AdamW(models.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = torch.optim.AdamW(models.parameters(), lr=c.unet_lr, weight_decay=1e-4)
     sched, gen = _schedule(opt, steps, warmup=100), torch.Generator().manual_seed(seed + 1)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch, 1)
     for step in range(steps):
@@ -166,7 +166,8 @@ def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, 
         # at snr 0 (the first sampling step, where the layout is decided), and the shipped model
         # ignores position words. Tried: the cap alone (weight 1 up to snr 4): the model then told
         # centre from corner (position 0.28 vs 0.13) but drew worse shapes (object 0.45 vs 0.62).
-        weight = snr.clamp(min=snr_floor, max=5.0) / (snr + 1)
+        floor = c.layout_floor if step < c.layout_share * steps else c.snr_floor
+        weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
         per_example = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none").mean((1, 2, 3))
         loss = (per_example * weight).mean()
         _update(opt, sched, loss, models.parameters())
@@ -176,7 +177,7 @@ def train_unet(latents, text, encoders, steps: int, batch: int, seed: int, log, 
                 e.lerp_(q, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
-        if sample_fn is not None and (step + 1) % 500 == 0:
+        if sample_fn is not None and ((step + 1) % 500 == 0 or step == steps - 1):
             sample_fn(*ema, step + 1)
     return tuple(m.eval() for m in ema)
 
@@ -230,6 +231,10 @@ class PretrainConfig:
     seed: int = 0
     vae_striped: float = 0.5  # extra striped objects in the VAE's set, as a share of n_images (vae_set)
     snr_floor: float = 0.0  # min-SNR-5 weighs steps below this SNR as if at it; 0: plain min-SNR
+    layout_share: float = 0.0  # the first share of UNet steps use layout_floor instead of snr_floor
+    layout_floor: float = 1.0
+    unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
+    attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
 
     def __post_init__(self):
@@ -240,8 +245,15 @@ class PretrainConfig:
             raise ValueError(f"batch must be at least 2: the VAE trains on batch // 2 (got {self.batch})")
         if not 0 <= self.vae_striped <= 1:
             raise ValueError(f"vae_striped is a share of n_images in [0, 1] (got {self.vae_striped})")
-        if not 0 <= self.snr_floor <= 5:
-            raise ValueError(f"snr_floor must lie in [0, 5], min-SNR's cap (got {self.snr_floor})")
+        for name in ("snr_floor", "layout_floor"):
+            if not 0 <= getattr(self, name) <= 5:
+                raise ValueError(f"{name} must lie in [0, 5], min-SNR's cap (got {getattr(self, name)})")
+        if not 0 <= self.layout_share <= 1:
+            raise ValueError(f"layout_share is a share of unet_steps in [0, 1] (got {self.layout_share})")
+        if not 0 < self.unet_lr < 1:
+            raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
+        if self.attention_16 not in ATTENTION_16:
+            raise ValueError(f"attention_16 must be one of {', '.join(ATTENTION_16)} (got {self.attention_16!r})")
         if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
             raise ValueError(f"vae: {self.vae} holds no VAE (want a toy model folder or its vae/ subfolder)")
 
@@ -276,18 +288,22 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     text = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
     log(f"latents scaled by {scale:.4f}; {len(text[0][0])} distinct captions")
 
-    def snapshot(unet, te1, te2, step):
-        sample_grid(_assemble(pipe, unet=unet, text_encoder=te1, text_encoder_2=te2)).save(
-            out / f"samples-step{step}.png")
-
-    t = time.perf_counter()
-    unet, te1, te2 = train_unet((mean, std), text, [pipe.text_encoder, pipe.text_encoder_2], c.unet_steps,
-                                batch, seed, log, snapshot, c.snr_floor)
-    pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
-    timings["unet_s"] = time.perf_counter() - t
+    # the judge first (it does not depend on the UNet), so that prompt following is read along training
     t = time.perf_counter()
     judge = train_judge(seed, c.n_images // 2, c.judge_steps, batch, log)
     timings["judge_s"] = time.perf_counter() - t
+    curve = []
+
+    def snapshot(unet, te1, te2, step):
+        snap = _assemble(pipe, unet=unet, text_encoder=te1, text_encoder_2=te2)
+        sample_grid(snap).save(out / f"samples-step{step}.png")
+        curve.append({"step": step, **prompt_following(snap, judge)})
+        log(f"prompt following at step {step}: {curve[-1]}")
+
+    t = time.perf_counter()
+    unet, te1, te2 = train_unet((mean, std), text, [pipe.text_encoder, pipe.text_encoder_2], c, log, snapshot)
+    pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
+    timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
 
     for f in out.glob("samples-step*.png"):
         f.unlink()
@@ -298,8 +314,8 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     from safetensors.torch import save_file
 
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, out / "judge.safetensors")
-    report = {**asdict(c), "scaling_factor": scale,
-              **{k: round(v, 1) for k, v in timings.items()}, "total_s": round(time.perf_counter() - t0, 1)}
+    report = {**asdict(c), "scaling_factor": scale, **{k: round(v, 1) for k, v in timings.items()},
+              "total_s": round(time.perf_counter() - t0, 1), "curve": curve}
     pipe.unet.float(), pipe.vae.float()
     report["prompt_following"] = prompt_following(pipe, judge.float())
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
