@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     t0, out = time.perf_counter(), Path(args.out)
     results = run_bench(args.model, out, methods, args.steps, seeds=2, subjects=[args.subject],
-                        log=lambda msg: print(msg, flush=True))
+                        recipe="plain", log=lambda msg: print(msg, flush=True))  # the trainer's defaults
     print("\n" + results_table(results, ["base", *methods], [args.subject]))
     print(f"\ngrid (rows: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {out / 'grid.png'}  ({time.perf_counter() - t0:.0f} s)")

@@ -21,3 +21,17 @@ def test_gpu_bench_runs_every_method_on_the_cpu_path(tiny_sdxl, tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split(" | ")[0] for r in rows] == ["| lora", "| fourierft", "| mora"]
     assert all(float(r.split(" | ")[2].split()[0]) > 0 for r in rows)  # s/step measured
+
+
+def test_dash_launch_bench_reads_its_cache_and_selects_the_same_directions(tiny_sdxl, tmp_path):
+    """bench/dash_launch.py on the tiny UNet: three launches (no cache, cold, warm), same directions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dash_launch", ROOT / "bench" / "dash_launch.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dash.md"
+    assert bench.main(["--model", str(tiny_sdxl), "--out", str(out), "--cache", str(tmp_path / "svd")]) == 0
+    table = out.read_text()
+    assert "bit-identical in all three: True" in table and "| cache, next run (read) |" in table
+    assert len(list((tmp_path / "svd").glob("*.safetensors"))) > 0

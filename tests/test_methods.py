@@ -291,6 +291,34 @@ def test_dash_directions_equal_brute_force_ranking():
         torch.testing.assert_close(layer.dash_Vh, Vh[best])
 
 
+def test_dash_svd_cache_gives_the_same_launch_and_spares_the_svd(tmp_path, monkeypatch):
+    """--dash_svd_cache: the launch from stored SVDs equals a fresh one bit for bit; the second run
+    on the same base decomposes nothing; a changed W0 or an unreadable file is decomposed anew."""
+    from dreampeft.adapters.svd_cache import weight_key
+
+    fresh, _ = _trained_dash()
+    dp.launch_dash(fresh)
+    first, _ = _trained_dash()
+    assert dp.launch_dash(first, tmp_path) == ["up", "down"]
+    files = {weight_key(m.base_layer.weight) + ".safetensors" for m in (first.up, first.down)}
+    assert {f.name for f in tmp_path.iterdir()} == files  # one file per weight, no temporaries left
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    second, _ = _trained_dash()
+    assert dp.dash_step(second, second.up.config.warmup_steps, tmp_path) == ["up", "down"] and calls == []
+    for model in (first, second):
+        for name in ("up", "down"):
+            for buf in ("dash_U", "dash_Vh"):
+                assert torch.equal(getattr(getattr(model, name), buf), getattr(getattr(fresh, name), buf))
+    (tmp_path / sorted(files)[0]).write_bytes(b"not a safetensors file")
+    changed, _ = _trained_dash()
+    with torch.no_grad():
+        changed.up.base_layer.weight.add_(1e-3)
+    dp.launch_dash(changed, tmp_path)
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3  # the changed up; the broken file again
+
+
 def test_dash_delta_trains_only_after_launch_with_the_same_optimizer():
     model, opt = _trained_dash(steps=2)
     assert torch.all(model.up.dash_delta == 0)  # zero gradient before the launch

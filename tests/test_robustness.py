@@ -596,6 +596,8 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoint(tiny
      "--num_class_images must be >= 1"),
     (["BINARY_CAPTION"], r"img0.txt: cannot read this caption \(UnicodeDecodeError\)"),
     (["--output_dir", "FILE"], "--output_dir .*FILE is a file; give a folder"),
+    (["--dash_svd_cache", "CLS"], r"--dash_svd_cache applies to --adapter lora_dash \(got lora\)"),
+    (["--adapter", "lora_dash", "--dash_svd_cache", "FILE"], "--dash_svd_cache .*FILE: that is a file; give a folder"),
 ])
 def test_trainer_options_out_of_range_are_one_line(flags, match, tiny_sdxl, instance_dir, tmp_path, capsys):
     import re

@@ -18,6 +18,7 @@ without a data-dependent branch, which would force a device sync on GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import nn
 from .base import AdapterLayer, register_method
 from .config import option, require
 from .lora import LoRAConfig, LoRAMixin
+from .svd_cache import frozen_svd
 
 EPS = 1e-8
 
@@ -99,14 +101,15 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return torch.addmm(result.reshape(-1, self.out_features), h, up.t()).view(result.shape)
 
     @torch.no_grad()
-    def launch(self) -> bool:
-        """Select the directions now (docs/METHODS.md §2, Launch). Returns False if already launched."""
+    def launch(self, svd_cache: str | Path | None = None) -> bool:
+        """Select the directions now (docs/METHODS.md §2, Launch). Returns False if already launched.
+        ``svd_cache``: a folder where W0's SVD is looked up and kept (``svd_cache.frozen_svd``)."""
         if bool(self.dash_active):
             return False
         w0 = self.base_layer.weight.float()
         if self.merged:
             w0 = w0 - self.merged_scale * self.delta_weight()
-        U, sigma, Vh = torch.linalg.svd(w0, full_matrices=False)
+        U, sigma, Vh = frozen_svd(w0, svd_cache)
         # diag(Uᵀ ΔW V) with ΔW = s·B A, without forming ΔW: (Uᵀ s·B) row i · (A V) column i
         coords = ((U.T @ self.lora_B.float()) * self.scaling * (Vh @ self.lora_A.float().T)).sum(-1)
         rate = coords.abs() / (sigma + EPS)
@@ -117,28 +120,29 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return True
 
 
-def _launch(due: list[tuple[str, "LoRADashLayer"]]) -> list[str]:
+def _launch(due: list[tuple[str, "LoRADashLayer"]], svd_cache: str | Path | None) -> list[str]:
     if len(due) > 16:  # one full SVD of W0 per layer: minutes at SDXL's size, so show them passing
         from tqdm.auto import tqdm
 
-        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0)", leave=False)
-    return [n for n, m in due if m.launch()]
+        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0" + (", cached)" if svd_cache else ")"), leave=False)
+    return [n for n, m in due if m.launch(svd_cache)]
 
 
-def launch_dash(model: nn.Module) -> list[str]:
+def launch_dash(model: nn.Module, svd_cache: str | Path | None = None) -> list[str]:
     """Launch every LoRA-Dash layer of ``model`` that has not launched; returns their names."""
     return _launch([(n, m) for n, m in model.named_modules()
-                    if isinstance(m, LoRADashLayer) and not bool(m.dash_active)])
+                    if isinstance(m, LoRADashLayer) and not bool(m.dash_active)], svd_cache)
 
 
-def dash_step(model: nn.Module, completed_steps: int) -> list[str]:
+def dash_step(model: nn.Module, completed_steps: int, svd_cache: str | Path | None = None) -> list[str]:
     """Call once after every optimizer step with the number of optimizer steps done so far.
 
     Launches each layer whose ``warmup_steps`` have been reached (steps 0…t-1 are plain LoRA);
-    idempotent, so resuming from a checkpoint never launches twice.
+    idempotent, so resuming from a checkpoint never launches twice. ``svd_cache``: see
+    ``svd_cache.frozen_svd`` (the same base's W0 decomposed once for every run).
     """
     return _launch([(n, m) for n, m in model.named_modules() if isinstance(m, LoRADashLayer)
-                    and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)])
+                    and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)], svd_cache)
 
 
 def is_dash_active(model: nn.Module) -> bool:

@@ -366,7 +366,7 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
             loss, grad_norm = train_step(run, step)
             seconds.append(time.perf_counter() - t0)
             done = run.step_done = step + 1
-            launched = [n for m in run.unwrapped().values() for n in dash_step(m, done)]
+            launched = [n for m in run.unwrapped().values() for n in dash_step(m, done, cfg.dash_svd_cache)]
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update()

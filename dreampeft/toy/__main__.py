@@ -2,7 +2,7 @@
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
-    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe plain|full] [--out toy_bench]
+    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
 """
@@ -18,6 +18,7 @@ from ..adapters import METHODS, ConfigError
 from ..presets import parse_methods
 from .bench import BENCH_STEPS
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
+from .options import VARIANTS
 from .recipe import RECIPES
 from .pretrain import PretrainConfig, pretrain
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--steps", type=int, default=BENCH_STEPS)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     ben.add_argument("--train_seeds", type=int, default=3, help="training runs per method and subject")
-    ben.add_argument("--recipe", default="plain", choices=list(RECIPES), help="trainer options (toy/recipe.py)")
+    ben.add_argument("--recipe", default="prior", choices=list(RECIPES), help="trainer options (toy/recipe.py)")
+    ben.add_argument("--subjects", default=",".join(SUBJECTS))
     ben.add_argument("--out", default="toy_bench")
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     opt.add_argument("--steps", type=int, default=BENCH_STEPS)
     opt.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     opt.add_argument("--subjects", default=",".join(SUBJECTS))
+    opt.add_argument("--variants", default="", help="a comma-separated subset of: " + ", ".join(VARIANTS))
     opt.add_argument("--out", default="toy_options")
     swp = sub.add_parser("sweep", help="learning rates per method (the toy preset's rate × factors) on one subject")
     swp.add_argument("--model", default=str(TOY_MODEL))
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--steps", type=int, default=BENCH_STEPS)
     swp.add_argument("--subject", default="cross", choices=sorted(ALL_SUBJECTS),
                      help="default: the tuning subject, which the bench does not report")
-    swp.add_argument("--recipe", default="plain", choices=list(RECIPES))
+    swp.add_argument("--recipe", default="prior", choices=list(RECIPES))
     swp.add_argument("--seeds", type=int, default=2, help="images per recontext prompt")
     swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
                      "(for the methods that have it)")
@@ -91,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "options":
             from .options import option_study
 
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+            if unknown := [v for v in variants if v not in VARIANTS]:
+                p.error(f"--variants: {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
             option_study(args.model, args.out, methods, args.train_seeds, args.steps, args.seeds,
-                         [s.strip() for s in args.subjects.split(",") if s.strip()], log=lambda m: print(m, flush=True))
+                         _subjects(p, args.subjects), variants or None, log=lambda m: print(m, flush=True))
         else:
             _bench(p, args, methods)
     return 0
@@ -103,11 +109,20 @@ def _bench(p, args, methods: list[str]) -> None:
 
     if args.train_seeds < 1 or args.seeds < 1:
         p.error(f"bench: --train_seeds and --seeds must be at least 1 (got {args.train_seeds}, {args.seeds})")
-    results = run_bench(args.model, args.out, methods, args.steps, args.seeds, train_seeds=args.train_seeds,
+    subjects = _subjects(p, args.subjects)
+    results = run_bench(args.model, args.out, methods, args.steps, args.seeds, subjects, args.train_seeds,
                         recipe=args.recipe, log=lambda m: print(m, flush=True))
-    print(results_table(results, ["base", *methods]))
+    print(results_table(results, ["base", *methods], subjects))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {args.out}/grid.png")
+
+
+def _subjects(p, text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in ALL_SUBJECTS]
+    if unknown or not names:
+        p.error(f"--subjects: {', '.join(unknown) or 'none given'}; choose from {', '.join(sorted(ALL_SUBJECTS))}")
+    return names
 
 
 def _sweep(p, args, methods: list[str]) -> None:

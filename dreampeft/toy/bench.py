@@ -111,8 +111,17 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
     return {**stats, **score(judge, images, prompts, subject)}, images
 
 
+def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
+    """A subject's instance folder under ``out`` and the trainer options of ``recipe`` for it (its
+    masks; the class images, drawn once per ``out`` and shared by every subject)."""
+    prior = RECIPES[recipe].get("with_prior_preservation") if recipe in RECIPES else None
+    class_dir = write_class_images(pipe, out / "class") if prior else None
+    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
+    return write_subject(subject, out / "subjects" / subject), options
+
+
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = BENCH_STEPS,
-              seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "plain",
+              seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "prior",
               log=print) -> dict:
     """Train every method on every subject ``train_seeds`` times with ``recipe``, generate the
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
@@ -120,12 +129,10 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     out = Path(out)
     pipe, judge = _load(model_dir)
     prompts, base_images = generations(pipe, seeds)
-    class_dir = write_class_images(pipe, out / "class") if RECIPES[recipe].get("with_prior_preservation") else None
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
-        folder = write_subject(subject, out / "subjects" / subject)
-        options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
+        folder, options = _prepare(pipe, subject, recipe, out)
         grid.append([render(s) for s in subject_scenes(subject, 5)])
         grid.append(base_images[::seeds])
         results[f"base/{subject}"] = score(judge, base_images, prompts, subject)
@@ -160,7 +167,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
-             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "cross", recipe: str = "plain",
+             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "cross", recipe: str = "prior",
              option_grid: dict[str, list] | None = None, log=print) -> dict:
     """Each method at its toy preset's rate times each factor — and, for the methods that have it,
     each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
@@ -169,9 +176,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     fidelity per method ({"lr", "options"}): what the toy preset in ``dreampeft.presets`` should hold."""
     out = Path(out)
     pipe, judge = _load(model_dir)
-    folder = write_subject(subject, out / "subjects" / subject)
-    class_dir = write_class_images(pipe, out / "class") if RECIPES[recipe].get("with_prior_preservation") else None
-    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
+    folder, options = _prepare(pipe, subject, recipe, out)
     rows = []
     for method in methods:
         key, values = next(iter((option_grid or {None: [None]}).items()))
@@ -196,14 +201,15 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     return best
 
 
+def mean_sd(cell: dict, key: str) -> str:
+    """A summarised cell's ``key`` as "mean ± sd" (the mean alone for a single run)."""
+    return f"{cell[key]:.3f}" + (f" ± {cell[key + '_sd']:.3f}" if len(cell.get("runs", [])) > 1 else "")
+
+
 def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
     """Markdown: per method the trainable parameters, step time, subject fidelity per subject and
     the mean prompt fidelity, as mean ± sd over training seeds where there were several."""
     subjects = subjects or list(SUBJECTS)
-
-    def cell(r: dict, key: str) -> str:
-        return f"{r[key]:.3f}" + (f" ± {r[key + '_sd']:.3f}" if len(r.get("runs", [])) > 1 else "")
-
     head = ("| method | trainable | step ms | " + " | ".join(f"subject: {s}" for s in subjects)
             + " | subject (mean) | " + " | ".join(f"prompt: {s}" for s in subjects) + " |")
     lines = [head, "|---|" + "---:|" * (3 + 2 * len(subjects))]
@@ -211,6 +217,6 @@ def results_table(results: dict, rows: list[str], subjects: list[str] | None = N
         r = [results[f"{row}/{s}"] for s in subjects]
         trainable = f"{r[0]['trainable']:,}" if "trainable" in r[0] else "–"
         step = f"{np.mean([x['step_ms'] for x in r]):.0f}" if "step_ms" in r[0] else "–"
-        lines.append(f"| {row} | {trainable} | {step} | {' | '.join(cell(x, 'subject') for x in r)} | "
-                     f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(cell(x, 'prompt') for x in r)} |")
+        lines.append(f"| {row} | {trainable} | {step} | {' | '.join(mean_sd(x, 'subject') for x in r)} | "
+                     f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(mean_sd(x, 'prompt') for x in r)} |")
     return "\n".join(lines)

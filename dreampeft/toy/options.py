@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..toyworld import SUBJECTS
-from .bench import BENCH_STEPS, _learn, _load, write_masks, write_subject
+from .bench import BENCH_STEPS, _learn, _load, mean_sd, summarise, write_masks, write_subject
+from .recipe import RECIPES, with_paths, write_class_images
 
 VARIANTS = {  # name → DreamBoothConfig fields on top of the bench recipe (mask_dir is filled in)
     "plain": {},
@@ -24,20 +24,25 @@ VARIANTS = {  # name → DreamBoothConfig fields on top of the bench recipe (mas
     "caption dropout 0.1": {"caption_dropout_rate": 0.1},
     "EMA 0.999": {"use_ema": True, "ema_decay": 0.999},
     "all three": {"masked_loss": True, "caption_dropout_rate": 0.1, "use_ema": True, "ema_decay": 0.999},
+    "prior recipe": RECIPES["prior"],  # prior preservation on the base's captioned images + caption dropout
 }
 
 
 def option_study(model_dir: str | Path, out: str | Path, methods: list[str], train_seeds: int = 2,
-                 steps: int = BENCH_STEPS, seeds: int = 4, subjects: list[str] | None = None, log=print) -> dict:
+                 steps: int = BENCH_STEPS, seeds: int = 4, subjects: list[str] | None = None,
+                 variants: list[str] | None = None, log=print) -> dict:
     out = Path(out)
     pipe, judge = _load(model_dir)
+    chosen = {name: VARIANTS[name] for name in variants or VARIANTS}
+    prior = any(v.get("with_prior_preservation") for v in chosen.values())
+    class_dir = write_class_images(pipe, out / "class") if prior else None
     rows: dict[tuple, list] = {}
     for subject in subjects or list(SUBJECTS):
         folder = write_subject(subject, out / "subjects" / subject)
         masks = write_masks(subject, out / "masks" / subject)
         for method in methods:
-            for name, options in VARIANTS.items():
-                options = {**options, **({"mask_dir": str(masks)} if options.get("masked_loss") else {})}
+            for name, options in chosen.items():
+                options = with_paths(options, class_dir, masks)
                 for seed in range(train_seeds):
                     t0 = time.perf_counter()
                     run = out / "runs" / f"{subject}-{method}-{name.replace(' ', '_')}-{seed}"
@@ -47,7 +52,7 @@ def option_study(model_dir: str | Path, out: str | Path, methods: list[str], tra
                     log(f"{subject} {method} {name} seed {seed}: subject {r['subject']:.3f}, prompt "
                         f"{r['prompt']:.3f}, step {r['step_ms']:.0f} ms ({time.perf_counter() - t0:.0f} s)")
     (out / "options.json").write_text(json.dumps(
-        {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "variants": VARIANTS,
+        {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "variants": chosen,
          "runs": [{"subject": s, "method": m, "variant": v, "seed": i, **r}
                   for (s, m, v), rs in rows.items() for i, r in enumerate(rs)]}, indent=1) + "\n")
     (out / "options.md").write_text(options_table(rows) + "\n")
@@ -55,10 +60,10 @@ def option_study(model_dir: str | Path, out: str | Path, methods: list[str], tra
 
 
 def options_table(rows: dict) -> str:
-    ms = lambda xs: f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
     lines = ["| subject | method | variant | subject fidelity | prompt fidelity | step ms |",
              "|---|---|---|---:|---:|---:|"]
     for (subject, method, name), rs in rows.items():
-        lines.append(f"| {subject} | {method} | {name} | {ms([r['subject'] for r in rs])} | "
-                     f"{ms([r['prompt'] for r in rs])} | {np.mean([r['step_ms'] for r in rs]):.0f} |")
+        cell = summarise(rs)
+        lines.append(f"| {subject} | {method} | {name} | {mean_sd(cell, 'subject')} | "
+                     f"{mean_sd(cell, 'prompt')} | {cell['step_ms']:.0f} |")
     return "\n".join(lines)

@@ -235,10 +235,11 @@ class PretrainConfig:
     layout_floor: float = 1.0
     unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
     attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
+    eval_captions: int = 60  # full captions that prompt following is read on (curve and final report)
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
 
     def __post_init__(self):
-        for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch"):
+        for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch", "eval_captions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)})")
         if self.batch < 2:
@@ -296,8 +297,9 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
 
     def snapshot(unet, te1, te2, step):
         snap = _assemble(pipe, unet=unet, text_encoder=te1, text_encoder_2=te2)
-        sample_grid(snap).save(out / f"samples-step{step}.png")
-        curve.append({"step": step, **prompt_following(snap, judge)})
+        if step < c.unet_steps:  # to watch a run; the last step's grid is samples.png
+            sample_grid(snap).save(out / f"samples-step{step}.png")
+        curve.append({"step": step, **prompt_following(snap, judge, n=c.eval_captions)})
         log(f"prompt following at step {step}: {curve[-1]}")
 
     t = time.perf_counter()
@@ -317,7 +319,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     report = {**asdict(c), "scaling_factor": scale, **{k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.perf_counter() - t0, 1), "curve": curve}
     pipe.unet.float(), pipe.vae.float()
-    report["prompt_following"] = prompt_following(pipe, judge.float())
+    report["prompt_following"] = prompt_following(pipe, judge.float(), n=c.eval_captions)
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
     sample_grid(pipe).save(out / "samples.png")
     log(json.dumps(report))
