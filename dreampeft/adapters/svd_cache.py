@@ -4,9 +4,10 @@ LoRA-Dash ranks *every* singular direction of W0 at its launch, so it needs W0's
 SDXL's size 560 of them, 275 s on a 2-core CPU. W0 is frozen, so the SVD of the same
 bytes is the same factorisation in every run on that base: ``--dash_svd_cache DIR`` stores
 U, σ, Vᵀ per weight (float32, what the launch computes) and the next run's launch reads them
-instead (8.8 s for SDXL's UNet: ``bench/dash_launch.py``). The key is a BLAKE2b hash of the weight's bytes, shape and dtype, so another base, a
-changed weight or a merged adapter never hits a stale entry. Cost: U and V in float32, about
-twice the adapted weights (7.1 GB for SDXL's UNet attention); files are written atomically.
+instead (8.8 s for SDXL's UNet: ``bench/dash_launch.py``). The key is a BLAKE2b hash of the
+weight's bytes, shape and dtype, so another base, a changed weight or a merged adapter never hits
+a stale entry. Cost: U and V in float32, about twice the adapted weights (7.1 GB for SDXL's UNet
+attention); files are written atomically.
 """
 
 from __future__ import annotations
