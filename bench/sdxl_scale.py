@@ -83,6 +83,57 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
     return statistics.median(times[method]) / statistics.median(times["lora"])
 
 
+def _swap_in(unet, method: str | None) -> None:
+    """Take whichever adapters ``unet`` holds out, then put ``method``'s in (r4 on SDXL's attention)."""
+    import peft
+
+    import dreampeft as dp
+    from dreampeft.adapters import get_method
+
+    dp.remove_adapters(unet, merge=False)
+    unet.requires_grad_(False)
+    for name, m in list(unet.named_modules()):
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            unet.set_submodule(name, m.get_base_layer())
+    if method == "peft_lora":
+        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(dp.UNET_ATTENTION)), unet)
+    elif method is not None:
+        dp.inject_adapters(unet, get_method(method).config_cls(**METHODS[method], target_modules=list(dp.UNET_ATTENTION)))
+    with torch.no_grad():  # every adapter away from its zero start, as after a few steps
+        for p in (p for p in unet.parameters() if p.requires_grad):
+            p.add_(torch.randn_like(p), alpha=1e-3)
+    unet.train()
+
+
+def interleaved(model: str, methods: list[str], res: int, rounds: int, steps: int = 2) -> dict[str, float]:
+    """The UNet's forward + backward (gradient checkpointing, batch 1) with each method in turn, in one
+    process, ``rounds`` times over: median seconds per method. Separate processes drift by ±10 % on
+    this CPU (LoRA run first and again last: 6.7 and 7.2 s); taking turns in one process cancels it."""
+    from diffusers import UNet2DConditionModel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet").float().to(device)
+    unet.enable_gradient_checkpointing()
+    c, gen = unet.config, torch.Generator().manual_seed(0)
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    latents = torch.randn(1, 4, res // 8, res // 8, generator=gen).to(device)
+    text = torch.randn(1, 77, c.cross_attention_dim, generator=gen).to(device)
+    added = {"text_embeds": torch.randn(1, pooled, generator=gen).to(device),
+             "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device)}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(rounds):
+        for method in methods:
+            _swap_in(unet, method)
+            for i in range(steps + 1):  # the first is untimed (allocator warm-up after the swap)
+                t0 = time.perf_counter()
+                unet(latents, torch.tensor([500], device=device), text, added_cond_kwargs=added).sample.pow(2).mean().backward()
+                unet.zero_grad(set_to_none=True)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times[method] += [time.perf_counter() - t0] if i else []
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
 def child(model: str, method: str, steps: int, res: int, workdir: Path, precision: str = "no",
           optimizer: str = "adamw", exports: bool = True) -> dict:
     from dreampeft.adapters import launch_dash
@@ -132,13 +183,16 @@ def child(model: str, method: str, steps: int, res: int, workdir: Path, precisio
     return result
 
 
-def _row(method: str, r: dict, lora: dict) -> str:
+def _row(method: str, r: dict, lora: dict, turns: dict) -> str:
     def f(key, fmt="{:.1f}"):
         return fmt.format(r[key]) if r.get(key) is not None else "–"
 
+    name = method.split()[0]  # "lora (again)" took its turns as lora
+    turn = f"{turns[name] / turns['lora']:.2f}" if name in turns and "lora" in turns else "–"
+
     dash = f" (before {r['before_s']:.1f}, after {r['after_s']:.1f}; launch {r['launch_s']:.0f} s)" if "launch_s" in r else ""
     return (f"| {method} | {r['trainable']:,} | {r['step_s']:.1f}{dash} | {r['max_s']:.1f} | "
-            f"{r['step_s'] / lora['step_s']:.2f} | {r['layer_ratio']:.2f} | {r['peak_mib'] / 1024:.1f} | "
+            f"{r['step_s'] / lora['step_s']:.2f} | {turn} | {r['layer_ratio']:.2f} | {r['peak_mib'] / 1024:.1f} | "
             f"{f('native_mb')} | {f('export_s')} | {f('energy_kept', '{:.3f}')} | {f('diff_s')} | {f('diff_mb', '{:.0f}')} |")
 
 
@@ -148,10 +202,14 @@ def arguments() -> argparse.ArgumentParser:
                         "DIR --size full)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join([*METHODS, "lora"]),
+                        help="run in this order; a method named twice runs twice (LoRA last again: the drift "
+                        "between its two runs is the noise the ratios carry)")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--no_exports", action="store_true", help="steps and memory only")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the methods taking turns in one process "
+                        "(the UNet's forward + backward; the ratio that process drift does not blur); 0: skip")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
     return parser
@@ -159,7 +217,16 @@ def arguments() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, name: str = "sdxl_scale") -> dict:
     """Runs every method in its own process; returns {"results": per method, "out": the table}."""
-    args = arguments().parse_args(argv)
+    parser = arguments()
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not args.child and args.steps < 2 and "lora_dash" in args.methods.split(","):
+        parser.error(f"--steps must be at least 2 with lora_dash, timed before and after its launch (got {args.steps})")
+    if args.child and args.child[0] == "turns":
+        print(json.dumps(interleaved(args.model, args.methods.split(","), args.resolution, args.rounds)))
+        return {}
     if args.child:
         print(json.dumps(child(args.model, args.child[0], args.steps, args.resolution, Path(args.child[1]),
                                args.mixed_precision, args.optimizer, not args.no_exports)))
@@ -167,26 +234,35 @@ def main(argv: list[str] | None = None, name: str = "sdxl_scale") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"bench/results/{name}_{device}.md")
     weights = {"no": "fp32", "bf16": "bf16 base, fp32 adapters", "fp16": "fp16 base, fp32 adapters"}[args.mixed_precision]
-    lines = ["| method | trainable | s/step | slowest | × lora step | × lora layer (1280²) | peak GiB | "
-             "native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    results = {}
+    lines = ["| method | trainable | s/step | slowest | × lora step | × lora, taking turns | × lora layer (1280²) | "
+             "peak GiB | native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    results, methods = {}, args.methods.split(",")
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
+        def run(method: str, *extra: str) -> dict:
             cmd = [sys.executable, __file__, "--model", args.model, "--resolution", str(args.resolution),
                    "--steps", str(args.steps), "--mixed_precision", args.mixed_precision, "--optimizer",
-                   args.optimizer, *(["--no_exports"] if args.no_exports else []), "--child", method, tmp]
+                   args.optimizer, *extra, "--child", method, tmp]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 sys.exit(f"{method}: {proc.stderr[-3000:]}")
-            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-            print(method, json.dumps(results[method]), flush=True)
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        for method in methods:
+            key = method if method not in results else f"{method} (again)"
+            results[key] = run(method, *(["--no_exports"] if args.no_exports else []))
+            print(key, json.dumps(results[key]), flush=True)
+        distinct = list(dict.fromkeys(methods))
+        turns = run("turns", "--rounds", str(args.rounds), "--methods", ",".join(distinct)) if args.rounds else {}
+        print("taking turns", json.dumps(turns), flush=True)
     lora = results.get("lora") or next(iter(results.values()))
-    lines += [_row(m, r, lora) for m, r in results.items()]
+    lines += [_row(m, r, lora, turns) for m, r in results.items()]
     peak = "torch.cuda.max_memory_allocated" if device == "cuda" else "the process's max RSS"
     lines = [f"# SDXL-architecture UNet of {lora['unet_params'] / 1e9:.3f} B parameters (random weights), {device}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads: {args.resolution} px, batch 1, {weights}, "
-             f"{args.optimizer}, gradient checkpointing, median of {args.steps} steps; peak: {peak}", "", *lines]
+             f"{args.optimizer}, gradient checkpointing, median of {args.steps} steps; peak: {peak}", "",
+             f"Taking turns: the UNet's forward + backward (fp32, batch 1, gradient checkpointing), every method in "
+             f"turn in one process, {args.rounds} rounds of 2 timed calls each (median).", "", *lines]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\nwritten to {out}")

@@ -10,17 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gpu_bench_runs_every_method_on_the_cpu_path(tiny_sdxl, tmp_path):
-    """bench/gpu_sdxl.py's CPU path on the tiny SDXL: one row per method, bf16 base, the peak."""
+    """bench/gpu_sdxl.py's CPU path on the tiny SDXL: one row per run (LoRA again last: the noise), bf16
+    base, the peak."""
     out = tmp_path / "gpu.md"
     proc = subprocess.run([sys.executable, "bench/gpu_sdxl.py", "--model", str(tiny_sdxl), "--resolution", "64",
-                           "--steps", "1", "--methods", "lora,fourierft,mora", "--out", str(out)],
+                           "--steps", "1", "--methods", "lora,fourierft,mora,lora", "--rounds", "1", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = out.read_text()
     assert "bf16 base, fp32 adapters" in table and "peak: the process's max RSS" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [r.split(" | ")[0] for r in rows] == ["| lora", "| fourierft", "| mora"]
+    assert [r.split(" | ")[0] for r in rows] == ["| lora", "| fourierft", "| mora", "| lora (again)"]
     assert all(float(r.split(" | ")[2].split()[0]) > 0 for r in rows)  # s/step measured
+    turns = [r.split(" | ")[5] for r in rows]  # the methods taking turns in one process, over LoRA
+    assert turns[0] == turns[3] == "1.00" and all(float(t) > 0 for t in turns)
 
 
 def test_dash_launch_bench_reads_its_cache_and_selects_the_same_directions(tiny_sdxl, tmp_path):

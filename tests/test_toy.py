@@ -236,14 +236,14 @@ def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path)
 
     from dreampeft.toy.__main__ import main
 
-    assert main(["sweep", "--methods", "fourierft,lora", "--factors", "1", "--grid", "scaling=75,300",
+    assert main(["sweep", "--methods", "fourierft,lora", "--factors", "1", "--grid", "n_frequency=500,1000",
                  "--recipe", "plain", "--steps", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
     runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
-    assert [(r["method"], r["options"]) for r in runs] == [("fourierft", {"scaling": 75.0}),
-                                                           ("fourierft", {"scaling": 300.0}), ("lora", {})]
-    saved = [json.loads((tmp_path / "runs" / f"fourierft-{r['lr']:g}-scaling{s}" / "dreampeft_adapter.json").read_text())
-             for r, s in zip(runs, ("75", "300"))]
-    assert [c["components"]["unet"]["configs"][0]["scaling"] for c in saved] == [75.0, 300.0]
+    assert [(r["method"], r["options"]) for r in runs] == [("fourierft", {"n_frequency": 500}),
+                                                           ("fourierft", {"n_frequency": 1000}), ("lora", {})]
+    saved = [json.loads((tmp_path / "runs" / f"fourierft-{r['lr']:g}-n_frequency{n}" / "dreampeft_adapter.json").read_text())
+             for r, n in zip(runs, ("500", "1000"))]
+    assert [c["components"]["unet"]["configs"][0]["n_frequency"] for c in saved] == [500, 1000]
 
 
 def test_demo_runs_one_subject(tmp_path, capsys):

@@ -140,7 +140,9 @@ def _sweep(p, args, methods: list[str]) -> None:
     if args.grid:
         key, _, values = args.grid.partition("=")
         try:
-            grid = {key.strip(): [float(v) for v in values.split(",") if v.strip()]}
+            # "2000" stays an int (n_frequency is one); a float option takes ints too
+            grid = {key.strip(): [int(v) if v.strip().lstrip("-").isdigit() else float(v)
+                                  for v in values.split(",") if v.strip()]}
         except ValueError:
             grid = None
         if not key.strip() or not grid or not grid[key.strip()]:

@@ -27,7 +27,7 @@ from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
 from .models import HEADS
-from .recipe import RECIPES, recipe_options, write_class_images
+from .recipe import RECIPES, class_images_if_needed, recipe_options
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
@@ -114,8 +114,7 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
 def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
     """A subject's instance folder under ``out`` and the trainer options of ``recipe`` for it (its
     masks; the class images, drawn once per ``out`` and shared by every subject)."""
-    prior = RECIPES[recipe].get("with_prior_preservation") if recipe in RECIPES else None
-    class_dir = write_class_images(pipe, out / "class") if prior else None
+    class_dir = class_images_if_needed(pipe, out / "class", RECIPES.get(recipe, {}))
     options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
     return write_subject(subject, out / "subjects" / subject), options
 

@@ -13,10 +13,9 @@ import json
 import time
 from pathlib import Path
 
-
 from ..toyworld import SUBJECTS
 from .bench import BENCH_STEPS, _learn, _load, mean_sd, summarise, write_masks, write_subject
-from .recipe import RECIPES, with_paths, write_class_images
+from .recipe import RECIPES, class_images_if_needed, with_paths
 
 VARIANTS = {  # name → DreamBoothConfig fields on top of the bench recipe (mask_dir is filled in)
     "plain": {},
@@ -34,8 +33,7 @@ def option_study(model_dir: str | Path, out: str | Path, methods: list[str], tra
     out = Path(out)
     pipe, judge = _load(model_dir)
     chosen = {name: VARIANTS[name] for name in variants or VARIANTS}
-    prior = any(v.get("with_prior_preservation") for v in chosen.values())
-    class_dir = write_class_images(pipe, out / "class") if prior else None
+    class_dir = class_images_if_needed(pipe, out / "class", *chosen.values())
     rows: dict[tuple, list] = {}
     for subject in subjects or list(SUBJECTS):
         folder = write_subject(subject, out / "subjects" / subject)

@@ -63,6 +63,11 @@ def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0)
     return folder
 
 
+def class_images_if_needed(pipe, folder: Path, *options: dict) -> Path | None:
+    """The class images (``write_class_images``) when any of ``options`` uses prior preservation."""
+    return write_class_images(pipe, folder) if any(o.get("with_prior_preservation") for o in options) else None
+
+
 def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None) -> dict:
     """DreamBoothConfig fields of ``recipe`` for one subject (its masks, the shared class images)."""
     if recipe not in RECIPES:
