@@ -83,7 +83,7 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
     return statistics.median(times[method]) / statistics.median(times["lora"])
 
 
-def _swap_in(unet, method: str | None) -> None:
+def _swap_in(unet, method: str) -> None:
     """Take whichever adapters ``unet`` holds out, then put ``method``'s in (r4 on SDXL's attention)."""
     import peft
 
@@ -97,8 +97,9 @@ def _swap_in(unet, method: str | None) -> None:
             unet.set_submodule(name, m.get_base_layer())
     if method == "peft_lora":
         peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(dp.UNET_ATTENTION)), unet)
-    elif method is not None:
-        dp.inject_adapters(unet, get_method(method).config_cls(**METHODS[method], target_modules=list(dp.UNET_ATTENTION)))
+    else:
+        config = get_method(method).config_cls(**METHODS[method], target_modules=list(dp.UNET_ATTENTION))
+        dp.inject_adapters(unet, config)
     with torch.no_grad():  # every adapter away from its zero start, as after a few steps
         for p in (p for p in unet.parameters() if p.requires_grad):
             p.add_(torch.randn_like(p), alpha=1e-3)
@@ -120,13 +121,14 @@ def interleaved(model: str, methods: list[str], res: int, rounds: int, steps: in
     text = torch.randn(1, 77, c.cross_attention_dim, generator=gen).to(device)
     added = {"text_embeds": torch.randn(1, pooled, generator=gen).to(device),
              "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device)}
+    t = torch.tensor([500], device=device)
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds):
         for method in methods:
             _swap_in(unet, method)
             for i in range(steps + 1):  # the first is untimed (allocator warm-up after the swap)
                 t0 = time.perf_counter()
-                unet(latents, torch.tensor([500], device=device), text, added_cond_kwargs=added).sample.pow(2).mean().backward()
+                unet(latents, t, text, added_cond_kwargs=added).sample.pow(2).mean().backward()
                 unet.zero_grad(set_to_none=True)
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -234,8 +236,8 @@ def main(argv: list[str] | None = None, name: str = "sdxl_scale") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"bench/results/{name}_{device}.md")
     weights = {"no": "fp32", "bf16": "bf16 base, fp32 adapters", "fp16": "fp16 base, fp32 adapters"}[args.mixed_precision]
-    lines = ["| method | trainable | s/step | slowest | × lora step | × lora, taking turns | × lora layer (1280²) | "
-             "peak GiB | native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
+    lines = ["| method | trainable | s/step | slowest | × lora step | × lora, taking turns | "
+             "× lora layer (1280²) | peak GiB | native MB | export s (rank 32) | energy kept | exact .diff s | .diff MB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     results, methods = {}, args.methods.split(",")
     with tempfile.TemporaryDirectory() as tmp:

@@ -175,7 +175,7 @@ def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
 
     toy, sdxl, n = preset_defaults(TOY), preset_defaults(""), len(METHODS)
     assert toy[:2] == (64, 64) and sdxl[:2] == (1024, 1024)
-    assert toy[2:2 + n] == (2e-3, 2e-3, 2.5e-4, 4e-3, 2e-3)  # lora, lora_dash, fourierft, mora, dora
+    assert toy[2:2 + n] == (2e-3, 2e-3, 5e-4, 4e-3, 2e-3)  # lora, lora_dash, fourierft, mora, dora
     assert sdxl[2:2 + n] == (1e-4, 1e-4, 1e-2, 1e-4, 1e-4) == tuple(method_preset("sdxl", m).lr for m in METHODS)
     names = [(s.method, s.name) for s in option_specs(list(METHODS))]
     init = 2 + n + names.index(("fourierft", "init"))  # the toy starts FourierFT from zeros

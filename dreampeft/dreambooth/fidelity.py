@@ -235,9 +235,10 @@ class Evaluator:
             snapshot(models, self.out / SNAPSHOTS, step)
             row = {"step": step, **self.metrics.score(images, [p for p in plan.prompts for _ in range(n)],
                                                       [a for a in plan.attributes for _ in range(n)])}
-            if self.history.reference is None:
-                self.history.reference = klass
-            row["drift"] = 1.0 - mean_paired_cosine(klass, self.history.reference)
+            if self.history.reference is None:  # this evaluation is the reference: no drift by definition
+                self.history.reference = klass  # (cos(x, x) computes to 1 - 6e-8 on some CPUs)
+            reference = self.history.reference
+            row["drift"] = 0.0 if reference is klass else 1.0 - mean_paired_cosine(klass, reference)
             first = self.history.rows[0] if self.history.rows else row
             row["score"] = balanced(row, first, self.metrics.kind)
             self._keep(row, models)

@@ -176,6 +176,8 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     out = Path(out)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
+    prompts, base_images = generations(pipe, seeds)
+    base = score(judge, base_images, prompts, subject)  # what any setting must beat
     rows = []
     for method in methods:
         key, values = next(iter((option_grid or {None: [None]}).items()))
@@ -189,14 +191,15 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
                 rows.append({"method": method, "lr": lr, "options": variant, **r})
                 log(f"{name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["subject"] + r["prompt"]) for m in methods}
-    lines = ["| method | lr | options | subject | prompt |", "|---|---:|---|---:|---:|"]
+    lines = ["| method | lr | options | subject | prompt |", "|---|---:|---|---:|---:|",
+             f"| base | – | – | {base['subject']:.3f} | {base['prompt']:.3f} |"]
     lines += [f"| {r['method']} | {r['lr']:g}{' (best)' if best[r['method']] is r else ''} | "
               f"{', '.join(f'{k}={v:g}' for k, v in r['options'].items()) or '–'} | {r['subject']:.3f} | "
               f"{r['prompt']:.3f} |" for r in rows]
     best = {m: {"lr": r["lr"], "options": r["options"]} for m, r in best.items()}
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "recipe": recipe,
-                                                "best": best, "runs": rows}, indent=1) + "\n")
+                                                "base": base, "best": best, "runs": rows}, indent=1) + "\n")
     return best
 
 
