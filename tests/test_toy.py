@@ -238,7 +238,9 @@ def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path)
 
     assert main(["sweep", "--methods", "fourierft,lora", "--factors", "1", "--grid", "n_frequency=500,1000",
                  "--recipe", "plain", "--steps", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
-    runs = json.loads((tmp_path / "sweep.json").read_text())["runs"]
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    runs = sweep["runs"]
+    assert 0 <= sweep["base"]["subject"] <= 1 and "| base | – | – |" in (tmp_path / "sweep.md").read_text()
     assert [(r["method"], r["options"]) for r in runs] == [("fourierft", {"n_frequency": 500}),
                                                            ("fourierft", {"n_frequency": 1000}), ("lora", {})]
     saved = [json.loads((tmp_path / "runs" / f"fourierft-{r['lr']:g}-n_frequency{n}" / "dreampeft_adapter.json").read_text())
