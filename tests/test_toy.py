@@ -293,11 +293,13 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
     assert [p["step"] for p in curve] == [2] and set(curve[0]) == {"step", *HEADS}  # read along training
 
 
-@pytest.mark.parametrize("where, attends_16", [("none", (False, False)), ("up", (False, True)), ("both", (True, True))])
-def test_toy_unet_attention_at_16x16(where, attends_16):
+@pytest.mark.parametrize("where, attends_16, width", [("none", (False, False), 1), ("up", (False, True), 1),
+                                                      ("both", (True, True), 1), ("none", (False, False), 2)])
+def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
     from dreampeft.toy.models import build_toy_unet
 
-    unet = build_toy_unet(0, where)
+    unet = build_toy_unet(0, where, width)
+    assert tuple(unet.config.block_out_channels) == (32 * width, 64 * width, 128 * width)
     first_down, last_up = unet.down_blocks[0], unet.up_blocks[-1]
     assert (hasattr(first_down, "attentions"), hasattr(last_up, "attentions")) == attends_16
     out = unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, unet.config.cross_attention_dim),
@@ -309,7 +311,7 @@ def test_toy_unet_attention_at_16x16(where, attends_16):
 @pytest.mark.parametrize("flag, value", [("--snr_floor", "9"), ("--vae_striped", "1.5"), ("--batch", "1"),
                                          ("--unet_steps", "0"), ("--vae", "no/such/folder"), ("--layout_floor", "-1"),
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
-                                         ("--eval_captions", "0")])
+                                         ("--eval_captions", "0"), ("--unet_width", "0")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 

@@ -20,7 +20,8 @@ LATENT_SIDE = 16
 ATTENTION_16 = ("none", "up", "both")  # where the 16×16 level has (self- and cross-) attention
 
 
-def build_toy_unet(seed: int = 0, attention_16: str = "none"):
+def build_toy_unet(seed: int = 0, attention_16: str = "none", width: int = 1):
+    """The toy UNet; ``width`` multiplies every level's channels (32, 64, 128 at 1)."""
     from diffusers import UNet2DConditionModel
 
     if attention_16 not in ATTENTION_16:
@@ -30,7 +31,7 @@ def build_toy_unet(seed: int = 0, attention_16: str = "none"):
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=LATENT_SIDE, in_channels=4, out_channels=4, norm_num_groups=16, use_linear_projection=True,
-        block_out_channels=(32, 64, 128), layers_per_block=1, attention_head_dim=(2, 4, 4),
+        block_out_channels=(32 * width, 64 * width, 128 * width), layers_per_block=1, attention_head_dim=(2, 4, 4),
         down_block_types=(first_down, "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", last_up),
         transformer_layers_per_block=(1, 1, 1), cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,

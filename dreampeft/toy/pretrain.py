@@ -146,7 +146,8 @@ def train_unet(latents, text, encoders, c: "PretrainConfig", log, sample_fn=None
 
     (mean, std), (ids, index) = latents, text
     steps, batch, seed = c.unet_steps, c.batch, c.seed
-    models = torch.nn.ModuleList([build_toy_unet(seed, c.attention_16), *encoders]).train().requires_grad_(True)
+    models = torch.nn.ModuleList([build_toy_unet(seed, c.attention_16, c.unet_width), *encoders])
+    models.train().requires_grad_(True)
     ema = copy.deepcopy(models).requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(toy_scheduler().config)
     opt = torch.optim.AdamW(models.parameters(), lr=c.unet_lr, weight_decay=1e-4)
@@ -235,6 +236,7 @@ class PretrainConfig:
     layout_floor: float = 1.0
     unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
     attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
+    unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
     eval_captions: int = 60  # full captions that prompt following is read on (curve and final report)
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
 
@@ -253,6 +255,8 @@ class PretrainConfig:
             raise ValueError(f"layout_share is a share of unet_steps in [0, 1] (got {self.layout_share})")
         if not 0 < self.unet_lr < 1:
             raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
+        if not 1 <= self.unet_width <= 4:
+            raise ValueError(f"unet_width multiplies the UNet's channels: 1 to 4 (got {self.unet_width})")
         if self.attention_16 not in ATTENTION_16:
             raise ValueError(f"attention_16 must be one of {', '.join(ATTENTION_16)} (got {self.attention_16!r})")
         if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
