@@ -41,16 +41,27 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
+def _inject(model, method: str, targets: list[str]):
+    """``method``'s adapters (METHODS' options) on ``targets``; ``peft_lora`` is peft's LoRA, alpha = r."""
+    import dreampeft as dp
+    from dreampeft.adapters import get_method
+
+    if method == "peft_lora":
+        import peft
+
+        r = METHODS["peft_lora"]["r"]
+        return peft.inject_adapter_in_model(peft.LoraConfig(r=r, lora_alpha=r, target_modules=targets), model)
+    dp.inject_adapters(model, get_method(method).config_cls(**METHODS[method], target_modules=targets))
+    return model
+
+
 def _use_peft(run) -> None:
     """Swap dreampeft's LoRA for peft's in the run (same r, alpha = r, targets, AdamW settings)."""
-    import peft
-
     from dreampeft import inject
 
     unet = run.acc.unwrap_model(run.trained["unet"])
     inject.remove_adapters(unet, merge=False)
-    cfg = run.cfg.adapter_config("unet")
-    peft.inject_adapter_in_model(peft.LoraConfig(r=cfg.r, lora_alpha=cfg.r, target_modules=cfg.target_modules), unet)
+    _inject(unet, "peft_lora", run.cfg.adapter_config("unet").target_modules)
     params = [p for n, p in unet.named_parameters() if "lora_" in n]
     run.optimizer = torch.optim.AdamW(params, lr=run.cfg.learning_rate)
     run.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda s: 1.0)
@@ -60,17 +71,8 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
     """Forward+backward of one 1280² layer with ``method`` over LoRA r4, interleaved, medians."""
     from torch import nn
 
-    import dreampeft as dp
-    from dreampeft.adapters import get_method
-
     def make(name):
-        m = nn.Sequential(nn.Linear(1280, 1280))
-        if name == "peft_lora":
-            import peft
-            return peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["0"]), m)
-        cfg = get_method(name).config_cls(**METHODS[name], target_modules=["0"])
-        dp.inject_adapters(m, cfg)
-        return m
+        return _inject(nn.Sequential(nn.Linear(1280, 1280)), name, ["0"])
 
     layers, times = {"lora": make("lora"), method: make(method)}, {"lora": [], method: []}
     x = torch.randn(tokens, 1280)
@@ -84,22 +86,17 @@ def _layer_ratio(method: str, tokens: int, reps: int = 9) -> float:
 
 
 def _swap_in(unet, method: str) -> None:
-    """Take whichever adapters ``unet`` holds out, then put ``method``'s in (r4 on SDXL's attention)."""
+    """Take whichever adapters ``unet`` holds out, then put ``method``'s in (on SDXL's attention)."""
     import peft
 
     import dreampeft as dp
-    from dreampeft.adapters import get_method
 
     dp.remove_adapters(unet, merge=False)
     unet.requires_grad_(False)
     for name, m in list(unet.named_modules()):
         if isinstance(m, peft.tuners.lora.LoraLayer):
             unet.set_submodule(name, m.get_base_layer())
-    if method == "peft_lora":
-        peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(dp.UNET_ATTENTION)), unet)
-    else:
-        config = get_method(method).config_cls(**METHODS[method], target_modules=list(dp.UNET_ATTENTION))
-        dp.inject_adapters(unet, config)
+    _inject(unet, method, list(dp.UNET_ATTENTION))
     with torch.no_grad():  # every adapter away from its zero start, as after a few steps
         for p in (p for p in unet.parameters() if p.requires_grad):
             p.add_(torch.randn_like(p), alpha=1e-3)
