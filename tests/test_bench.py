@@ -38,3 +38,19 @@ def test_dash_launch_bench_reads_its_cache_and_selects_the_same_directions(tiny_
     table = out.read_text()
     assert "bit-identical in all three: True" in table and "| cache, next run (read) |" in table
     assert len(list((tmp_path / "svd").glob("*.safetensors"))) > 0
+
+
+def test_dash_prefetch_bench_runs_the_trainer_both_ways_to_the_same_adapter(tiny_sdxl, tmp_path):
+    """bench/dash_prefetch.py on the tiny SDXL: the real CLI with the SVDs taken at the launch and
+    prefetched in a background thread (into a cache folder); both end with the same adapter."""
+    out = tmp_path / "prefetch.md"
+    proc = subprocess.run([sys.executable, "bench/dash_prefetch.py", "--model", str(tiny_sdxl), "--warmup", "3",
+                           "--resolution", "64", "--where", "disk", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = out.read_text()
+    assert "Same adapter bit for bit: True" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "launch s" not in line]
+    assert [r[0] for r in rows] == ["| at the launch (`--no-dash_svd_prefetch`)", "| prefetched during the warm-up (disk)"]
+    done, total = rows[1][2].split(" / ")
+    assert rows[0][2].startswith("0 / ") and 0 <= int(done) <= int(total)  # the thread only works when asked to

@@ -169,15 +169,20 @@ def _adapter_tensors(path: Path) -> dict:
 def test_resume_continues_exactly(tiny_sdxl, instance_dir, tmp_path):
     """Interrupted at step 2 and resumed == uninterrupted, with every source of randomness on:
     random crops, flips, gradient accumulation, a linear schedule and a LoRA-Dash launch after
-    the interruption. The uninterrupted run keeps W0's SVDs in --dash_svd_cache: same adapter."""
+    the interruption. The uninterrupted run takes W0's SVDs from a background thread into
+    --dash_svd_cache, the interrupted one at the launch (--no-dash_svd_prefetch): same adapter."""
     flags = ["--adapter", "lora_dash", "--rank", "2", "--dash_warmup_steps", "3", "--dash_directions", "2",
              "--random_flip", "--gradient_accumulation_steps", "2", "--lr_scheduler", "linear",
              "--max_train_steps", "5", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     cache = tmp_path / "svd"
     assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, full, *flags, "--dash_svd_cache", str(cache))) == 0
+    flags.append("--no-dash_svd_prefetch")
     assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, broken, *flags)) == 0
     assert len(list(cache.glob("*.safetensors"))) > 0
+    launch = [e for e in read_events(full / "events.jsonl") if "dash_launched" in e]
+    assert [e["step"] for e in launch] == [3] and launch[0]["dash_launched"] == len(list(cache.glob("*.safetensors")))
+    assert launch[0]["dash_launch_seconds"] >= 0 and launch[0]["dash_svd_prefetched"] <= launch[0]["dash_launched"]
     for p in broken.iterdir():  # keep only the first checkpoint, as if killed after step 2
         if p.name != "checkpoint-2":
             shutil.rmtree(p) if p.is_dir() else p.unlink()

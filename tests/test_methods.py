@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -253,9 +255,10 @@ def test_mora_rank_rounding():
 
 
 # ---------------------------------------------------------------- LoRA-Dash
-def _trained_dash(steps=3, **cfg):
+def _trained_dash(steps=3, on_inject=lambda model: None, **cfg):
     model = build("mlp")
     dp.inject_adapters(model, dp.LoRADashConfig(r=2, n_directions=3, target_modules=["up", "down"], **cfg))
+    on_inject(model)
     opt = torch.optim.AdamW(list(dp.adapter_parameters(model)), lr=1e-2)
     for i in range(steps):
         model(torch.randn(8, 24, generator=torch.Generator().manual_seed(i))).pow(2).mean().backward()
@@ -319,6 +322,71 @@ def test_dash_svd_cache_gives_the_same_launch_and_spares_the_svd(tmp_path, monke
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3  # the changed up; the broken file again
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["in-memory", "svd-cache"])
+@pytest.mark.parametrize("when", ["thread-done", "racing", "launch-first", "closed"])
+def test_dash_svd_prefetch_gives_the_same_launch_and_decomposes_each_weight_once(tmp_path, monkeypatch, cache, when):
+    """--dash_svd_prefetch: W0's SVDs taken in a background thread while training goes on give the
+    launch's directions bit for bit, whether the thread has finished, is still running when the
+    launch comes (the launch takes over what it has not reached) or was closed; no weight is
+    decomposed twice."""
+    from dreampeft.adapters.svd_prefetch import SVDPrefetch
+
+    fresh, _ = _trained_dash()
+    dp.launch_dash(fresh)
+    calls, real_svd = [], torch.linalg.svd
+
+    def svd(*args, **kw):
+        calls.append(threading.current_thread().name)
+        if when == "racing" and threading.current_thread() is not threading.main_thread():
+            time.sleep(0.5)  # the thread is still on "up" when the launch comes: it waits, then takes "down"
+        return real_svd(*args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    started = []
+    if when == "launch-first":
+        model, _ = _trained_dash()
+        prefetch = SVDPrefetch([model.up, model.down], tmp_path if cache else None)  # not started yet
+    else:
+        model, _ = _trained_dash(on_inject=lambda m: started.append(SVDPrefetch.start([m], tmp_path if cache else None)))
+        prefetch = started[0]
+    if when == "thread-done":
+        prefetch.join()
+        assert prefetch.completed == 2 and prefetch.seconds is not None and len(calls) == 2
+    if when == "closed":
+        prefetch.close()
+    assert dp.dash_step(model, model.up.config.warmup_steps, tmp_path if cache else None, prefetch) == ["up", "down"]
+    if when == "launch-first":
+        prefetch._thread.start()  # finds nothing left to do
+    prefetch.join(timeout=30)
+    assert not prefetch._thread.is_alive()
+    if when != "closed":  # close() drops what was held: the launch decomposes it again
+        assert len(calls) == 2  # each W0 once: by the thread or by the launch
+    if when == "racing":  # "up" by the thread, "down" by whichever reached it first
+        assert calls[0] == "lora-dash-svd"
+    if when == "launch-first":  # the launch came before the thread took anything: it did both
+        assert calls == ["MainThread", "MainThread"]
+    for name in ("up", "down"):
+        for buf in ("dash_U", "dash_Vh"):
+            assert torch.equal(getattr(getattr(model, name), buf), getattr(getattr(fresh, name), buf))
+    assert SVDPrefetch.start([model]) is None  # nothing left to launch: no thread
+
+
+def test_dash_svd_prefetch_declines_when_memory_is_short_unless_a_cache_keeps_them_on_disk(tmp_path, monkeypatch, capsys):
+    import psutil
+
+    from dreampeft.adapters.svd_prefetch import SVDPrefetch, held_bytes
+
+    model, _ = _trained_dash(steps=0)
+    need = held_bytes([model.up, model.down])
+    assert need == 4 * sum(min(w.shape) * (sum(w.shape) + 1) for w in (model.up.base_layer.weight, model.down.base_layer.weight))
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * need - 1))
+    assert SVDPrefetch.start([model]) is None
+    assert "--dash_svd_cache DIR keeps them on disk" in capsys.readouterr().err
+    prefetch = SVDPrefetch.start([model], tmp_path)
+    prefetch.join(timeout=30)
+    assert prefetch.completed == 2 and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
 def test_dash_delta_trains_only_after_launch_with_the_same_optimizer():
     model, opt = _trained_dash(steps=2)
     assert torch.all(model.up.dash_delta == 0)  # zero gradient before the launch
@@ -348,13 +416,19 @@ def test_dash_step_launches_at_warmup_and_reload_keeps_phase(tmp_path):
         torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
-def test_dash_trainer_callback_uses_optimizer_steps():
+def test_dash_trainer_callback_uses_optimizer_steps_and_prefetches():
     model, _ = _trained_dash(steps=0, warmup_steps=2)
     cb = dp.DashCallback()
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    prefetch = cb._prefetch
+    prefetch.join(timeout=30)
+    assert prefetch.completed == 2  # both W0 decomposed before the launch step
     cb.on_step_end(None, SimpleNamespace(global_step=1), None, model=model)
     assert not dp.is_dash_active(model)
     cb.on_step_end(None, SimpleNamespace(global_step=2), None, model=model)
-    assert dp.is_dash_active(model)
+    assert dp.is_dash_active(model) and not prefetch._done  # the launch took what the thread held
+    cb.on_train_end(None, None, None)
+    assert cb._prefetch is None
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -101,15 +101,17 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return torch.addmm(result.reshape(-1, self.out_features), h, up.t()).view(result.shape)
 
     @torch.no_grad()
-    def launch(self, svd_cache: str | Path | None = None) -> bool:
+    def launch(self, svd_cache: str | Path | None = None, svd: tuple | None = None) -> bool:
         """Select the directions now (docs/METHODS.md §2, Launch). Returns False if already launched.
-        ``svd_cache``: a folder where W0's SVD is looked up and kept (``svd_cache.frozen_svd``)."""
+        ``svd_cache``: a folder where W0's SVD is looked up and kept (``svd_cache.frozen_svd``);
+        ``svd``: W0's (U, σ, Vᵀ) computed beforehand (``svd_prefetch.SVDPrefetch``)."""
         if bool(self.dash_active):
             return False
         w0 = self.base_layer.weight.float()
         if self.merged:
             w0 = w0 - self.merged_scale * self.delta_weight()
-        U, sigma, Vh = frozen_svd(w0, svd_cache)
+        use = svd is not None and not self.merged
+        U, sigma, Vh = (t.to(w0.device) for t in svd) if use else frozen_svd(w0, svd_cache)
         # diag(Uᵀ ΔW V) with ΔW = s·B A, without forming ΔW: (Uᵀ s·B) row i · (A V) column i
         coords = ((U.T @ self.lora_B.float()) * self.scaling * (Vh @ self.lora_A.float().T)).sum(-1)
         rate = coords.abs() / (sigma + EPS)
@@ -120,29 +122,33 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         return True
 
 
-def _launch(due: list[tuple[str, "LoRADashLayer"]], svd_cache: str | Path | None) -> list[str]:
+def _launch(due: list[tuple[str, "LoRADashLayer"]], svd_cache: str | Path | None, prefetch) -> list[str]:
     if len(due) > 16:  # one full SVD of W0 per layer: minutes at SDXL's size, so show them passing
         from tqdm.auto import tqdm
 
-        due = tqdm(due, desc="LoRA-Dash launch (SVD of each W0" + (", cached)" if svd_cache else ")"), leave=False)
-    return [n for n, m in due if m.launch(svd_cache)]
+        how = "prefetched" if prefetch else "cached" if svd_cache else "SVD of each W0"
+        due = tqdm(due, desc=f"LoRA-Dash launch ({how})", leave=False)
+    return [n for n, m in due if m.launch(svd_cache, prefetch.take(m) if prefetch else None)]
 
 
-def launch_dash(model: nn.Module, svd_cache: str | Path | None = None) -> list[str]:
+def launch_dash(model: nn.Module, svd_cache: str | Path | None = None, prefetch=None) -> list[str]:
     """Launch every LoRA-Dash layer of ``model`` that has not launched; returns their names."""
     return _launch([(n, m) for n, m in model.named_modules()
-                    if isinstance(m, LoRADashLayer) and not bool(m.dash_active)], svd_cache)
+                    if isinstance(m, LoRADashLayer) and not bool(m.dash_active)], svd_cache, prefetch)
 
 
-def dash_step(model: nn.Module, completed_steps: int, svd_cache: str | Path | None = None) -> list[str]:
+def dash_step(model: nn.Module, completed_steps: int, svd_cache: str | Path | None = None,
+              prefetch=None) -> list[str]:
     """Call once after every optimizer step with the number of optimizer steps done so far.
 
     Launches each layer whose ``warmup_steps`` have been reached (steps 0…t-1 are plain LoRA);
     idempotent, so resuming from a checkpoint never launches twice. ``svd_cache``: see
-    ``svd_cache.frozen_svd`` (the same base's W0 decomposed once for every run).
+    ``svd_cache.frozen_svd`` (the same base's W0 decomposed once for every run); ``prefetch``: an
+    ``svd_prefetch.SVDPrefetch`` started with the run, whose SVDs the launch takes.
     """
     return _launch([(n, m) for n, m in model.named_modules() if isinstance(m, LoRADashLayer)
-                    and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)], svd_cache)
+                    and completed_steps >= m.config.warmup_steps and not bool(m.dash_active)],
+                   svd_cache, prefetch)
 
 
 def is_dash_active(model: nn.Module) -> bool:

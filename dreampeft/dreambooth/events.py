@@ -43,3 +43,14 @@ def read_events(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}:{number}: not a dreampeft event (no 'event' key)")
         out.append(event)
     return out
+
+
+def open_events(path: str | Path | None, enabled: bool) -> EventLog:
+    """The run's event log (``--events``); a path that cannot be written is said so, by its flag."""
+    from .data import DreamBoothError
+
+    try:
+        return EventLog(path, enabled=enabled)
+    except OSError as exc:
+        raise DreamBoothError(f"--events {path}: cannot write it ({exc.strerror}); give a file "
+                              "path in a folder you can write to") from None

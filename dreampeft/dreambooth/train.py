@@ -23,6 +23,7 @@ import torch
 
 from .. import inject
 from ..adapters import dash_step
+from ..adapters.svd_prefetch import SVDPrefetch
 from ..state import WEIGHTS_NAME
 from . import rundir
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -31,7 +32,7 @@ from .batch import compute_loss
 from .data import DreamBoothError, Example, attach_masks, generator, scan_folder
 from .ema import AdapterEMA
 from .fidelity import Evaluator, History
-from .events import EventLog
+from .events import EventLog, open_events
 from .finish import TrainResult, final_save, make_result, rank_checksums
 from .optim import OPTIMIZERS
 from .models import SDXLParts, build_pipeline, load_parts
@@ -288,19 +289,11 @@ def _raise_stopped(signum, frame):
     raise RunStopped(f"stopped by {signal.Signals(signum).name}")
 
 
-def _open_events(cfg: DreamBoothConfig, acc) -> EventLog:
-    try:
-        return EventLog(cfg.events, enabled=acc.is_main_process)
-    except OSError as exc:
-        raise DreamBoothError(f"--events {cfg.events}: cannot write it ({exc.strerror}); give a file "
-                              "path in a folder you can write to") from None
-
-
 def train(cfg: DreamBoothConfig) -> TrainResult:
     """Run DreamBooth; returns where everything went and what the run cost."""
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg)
-    events = _open_events(cfg, acc)
+    events = open_events(cfg.events, enabled=acc.is_main_process)
     lock, run, previous = None, None, None
     if threading.current_thread() is threading.main_thread():  # restored when the run ends
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
@@ -358,7 +351,8 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
 
     cfg, acc, seconds = run.cfg, run.acc, []
     bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
-    with bar:  # closed (its line ended) before any error line is printed
+    prefetch = SVDPrefetch.start(run.unwrapped().values(), cfg.dash_svd_cache) if cfg.dash_svd_prefetch else None
+    with bar, prefetch or contextlib.nullcontext():  # the bar is closed before any error line is printed
         for step in range(start, run.total_steps):
             if cfg.train_text_encoder and step >= run.text_encoder_stop and not run.text_encoders_done:
                 fix_text_encoders(run)
@@ -366,12 +360,11 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
             loss, grad_norm = train_step(run, step)
             seconds.append(time.perf_counter() - t0)
             done = run.step_done = step + 1
-            launched = [n for m in run.unwrapped().values() for n in dash_step(m, done, cfg.dash_svd_cache)]
+            launch = _dash_launch(run, done, prefetch)
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update()
-            events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm,
-                        **({"dash_launched": len(launched)} if launched else {}))
+            events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm, seconds=round(seconds[-1], 4), **launch)
             run.trackers.log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": seconds[-1]}, done)
             if run.evaluator and run.evaluator.due(done, run.total_steps):
                 evaluate(run, done, events)
@@ -380,6 +373,16 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
             if cfg.validation_prompt and _due(cfg.validation_steps, done) and acc.is_main_process:
                 validate(run, done, events)
     return seconds
+
+
+def _dash_launch(run: Run, done: int, prefetch: SVDPrefetch | None) -> dict:
+    """Launch the LoRA-Dash layers whose warm-up has ended; what the step event reports of it."""
+    t0 = time.perf_counter()
+    launched = [n for m in run.unwrapped().values() for n in dash_step(m, done, run.cfg.dash_svd_cache, prefetch)]
+    if not launched:
+        return {}
+    return {"dash_launched": len(launched), "dash_launch_seconds": round(time.perf_counter() - t0, 3),
+            "dash_svd_prefetched": prefetch.completed if prefetch else 0}
 
 
 def fix_text_encoders(run: Run) -> None:
