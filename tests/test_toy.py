@@ -271,7 +271,7 @@ def test_import_flushes_denormals_unless_opted_out(opt_out, expected):
     assert float(out.stdout) == pytest.approx(expected, abs=1e-45)
 
 
-def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(tmp_path):
+def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(tmp_path, capsys):
     """`pretrain --vae DIR` (retrain the UNet on a saved toy's VAE) gives exactly the UNet a full
     run gives: the UNet always learns the fp16 VAE that ships. A few steps of each stage here."""
     from safetensors.torch import load_file
@@ -287,6 +287,15 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
         a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "reuse"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert is_toy(tmp_path / "reuse") and (tmp_path / "reuse" / "samples.png").exists()
+    # a second stage (`--init`): continues the folder's UNet and encoders, on its VAE, and moves them
+    assert main(["pretrain", str(tmp_path / "more"), *tiny, "--init", str(tmp_path / "full"), "--snr_floor", "1"]) == 0
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "more"))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), part
+        assert all(torch.equal(a[k], b[k]) for k in a) == (part == "vae"), part
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
+    assert "architecture is the folder's" in capsys.readouterr().err
     import json
 
     curve = json.loads((tmp_path / "reuse" / "pretrain_report.json").read_text())["curve"]
@@ -311,7 +320,7 @@ def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
 @pytest.mark.parametrize("flag, value", [("--snr_floor", "9"), ("--vae_striped", "1.5"), ("--batch", "1"),
                                          ("--unet_steps", "0"), ("--vae", "no/such/folder"), ("--layout_floor", "-1"),
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
-                                         ("--eval_captions", "0"), ("--unet_width", "0")])
+                                         ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 

@@ -26,7 +26,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +146,8 @@ def train_unet(latents, text, encoders, c: "PretrainConfig", log, sample_fn=None
 
     (mean, std), (ids, index) = latents, text
     steps, batch, seed = c.unet_steps, c.batch, c.seed
-    models = torch.nn.ModuleList([build_toy_unet(seed, c.attention_16, c.unet_width), *encoders])
+    models = torch.nn.ModuleList([_load_unet(c.init) if c.init else build_toy_unet(seed, c.attention_16, c.unet_width),
+                                  *encoders])
     models.train().requires_grad_(True)
     ema = copy.deepcopy(models).requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(toy_scheduler().config)
@@ -212,6 +213,19 @@ def _assemble(pipe, **replace):
     return new
 
 
+def _load_unet(folder: str):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float()
+
+
+def _load_text_encoders(folder: str) -> list:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float(),
+            CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").float()]
+
+
 def _load_vae(folder: str):
     from diffusers import AutoencoderKL
 
@@ -239,6 +253,9 @@ class PretrainConfig:
     unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
     eval_captions: int = 60  # full captions that prompt following is read on (curve and final report)
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
+    # a toy model folder to continue from (its UNet, text encoders and, unless --vae says otherwise,
+    # VAE; unet_width and attention_16 are then the folder's): a second stage with other settings
+    init: str = ""
 
     def __post_init__(self):
         for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch", "eval_captions"):
@@ -261,6 +278,12 @@ class PretrainConfig:
             raise ValueError(f"attention_16 must be one of {', '.join(ATTENTION_16)} (got {self.attention_16!r})")
         if self.vae and not (Path(self.vae) / "config.json").exists() and not (Path(self.vae) / "vae").is_dir():
             raise ValueError(f"vae: {self.vae} holds no VAE (want a toy model folder or its vae/ subfolder)")
+        if self.init and not all((Path(self.init) / sub / "config.json").exists()
+                                 for sub in ("unet", "text_encoder", "text_encoder_2", "vae")):
+            raise ValueError(f"init: {self.init} is not a toy model folder (want unet/, text_encoder/, "
+                             "text_encoder_2/ and vae/, as pretrain writes them)")
+        if self.init and (self.unet_width, self.attention_16) != (1, "none"):
+            raise ValueError("init: the UNet's architecture is the folder's; drop unet_width and attention_16")
 
 
 def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=print) -> Path:
@@ -268,7 +291,8 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     from ..tiny import build_tiny_sdxl
     from .evaluate import prompt_following, sample_grid
 
-    c, seed, batch = config, config.seed, config.batch
+    c = replace(config, vae=config.init) if config.init and not config.vae else config  # a second stage's VAE
+    seed, batch = c.seed, c.batch
     out, t0, timings = Path(out), time.perf_counter(), {}
     out.mkdir(parents=True, exist_ok=True)
     pipe = _assemble(build_tiny_sdxl(seed), scheduler=toy_scheduler())  # the tiny random CLIP pair
@@ -307,7 +331,8 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
         log(f"prompt following at step {step}: {curve[-1]}")
 
     t = time.perf_counter()
-    unet, te1, te2 = train_unet((mean, std), text, [pipe.text_encoder, pipe.text_encoder_2], c, log, snapshot)
+    encoders = _load_text_encoders(c.init) if c.init else [pipe.text_encoder, pipe.text_encoder_2]
+    unet, te1, te2 = train_unet((mean, std), text, encoders, c, log, snapshot)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
 
