@@ -20,7 +20,7 @@ class DashCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.prefetch and model is not None:
-            self._prefetch = SVDPrefetch.start([model], self.svd_cache)
+            self._prefetch = SVDPrefetch.start([model], self.svd_cache, state.max_steps or None)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

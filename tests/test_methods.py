@@ -369,6 +369,8 @@ def test_dash_svd_prefetch_gives_the_same_launch_and_decomposes_each_weight_once
         for buf in ("dash_U", "dash_Vh"):
             assert torch.equal(getattr(getattr(model, name), buf), getattr(getattr(fresh, name), buf))
     assert SVDPrefetch.start([model]) is None  # nothing left to launch: no thread
+    later, _ = _trained_dash(steps=0)
+    assert SVDPrefetch.start([later], steps=later.up.config.warmup_steps - 1) is None  # no launch in this run
 
 
 def test_dash_svd_prefetch_declines_when_memory_is_short_unless_a_cache_keeps_them_on_disk(tmp_path, monkeypatch, capsys):
@@ -419,7 +421,7 @@ def test_dash_step_launches_at_warmup_and_reload_keeps_phase(tmp_path):
 def test_dash_trainer_callback_uses_optimizer_steps_and_prefetches():
     model, _ = _trained_dash(steps=0, warmup_steps=2)
     cb = dp.DashCallback()
-    cb.on_train_begin(None, SimpleNamespace(global_step=0), None, model=model)
+    cb.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=5), None, model=model)
     prefetch = cb._prefetch
     prefetch.join(timeout=30)
     assert prefetch.completed == 2  # both W0 decomposed before the launch step

@@ -60,15 +60,18 @@ class SVDPrefetch:
         self._thread = threading.Thread(target=self._run, name="lora-dash-svd", daemon=True)
 
     @classmethod
-    def start(cls, models: Iterable[nn.Module], svd_cache: str | Path | None = None) -> SVDPrefetch | None:
-        """Start on every LoRA-Dash layer of ``models`` still to launch; None when there is none, or
-        when holding the results in memory would take more than half of what is available."""
+    def start(cls, models: Iterable[nn.Module], svd_cache: str | Path | None = None,
+              steps: int | None = None) -> SVDPrefetch | None:
+        """Start on every LoRA-Dash layer of ``models`` that will launch within the run's ``steps``
+        optimizer steps (all, if None); None when there is none, or when holding the results in
+        memory would take more than half of what is available."""
         import psutil
 
         from .lora_dash import LoRADashLayer
 
         layers = [m for model in models for m in model.modules()
-                  if isinstance(m, LoRADashLayer) and not bool(m.dash_active) and not m.merged]
+                  if isinstance(m, LoRADashLayer) and not bool(m.dash_active) and not m.merged
+                  and (steps is None or m.config.warmup_steps <= steps)]
         if not layers:
             return None
         need, free = held_bytes(layers), psutil.virtual_memory().available

@@ -351,7 +351,8 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
 
     cfg, acc, seconds = run.cfg, run.acc, []
     bar = tqdm(total=run.total_steps, initial=start, disable=not acc.is_main_process, desc="train")
-    prefetch = SVDPrefetch.start(run.unwrapped().values(), cfg.dash_svd_cache) if cfg.dash_svd_prefetch else None
+    prefetch = (SVDPrefetch.start(run.unwrapped().values(), cfg.dash_svd_cache, run.total_steps)
+                if cfg.dash_svd_prefetch else None)
     with bar, prefetch or contextlib.nullcontext():  # the bar is closed before any error line is printed
         for step in range(start, run.total_steps):
             if cfg.train_text_encoder and step >= run.text_encoder_stop and not run.text_encoders_done:
@@ -364,7 +365,8 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
             lr = run.lr_scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update()
-            events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm, seconds=round(seconds[-1], 4), **launch)
+            events.emit("step", step=done, loss=loss, lr=lr, grad_norm=grad_norm, seconds=round(seconds[-1], 4),
+                        **launch)
             run.trackers.log({"loss": loss, "lr": lr, "grad_norm": grad_norm, "step_seconds": seconds[-1]}, done)
             if run.evaluator and run.evaluator.due(done, run.total_steps):
                 evaluate(run, done, events)
