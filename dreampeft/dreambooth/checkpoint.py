@@ -30,6 +30,12 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def last_checkpoint(out_dir: Path) -> str | None:
+    """The newest complete checkpoint's path (what an error message points the user to)."""
+    found = list_checkpoints(out_dir)
+    return str(found[-1][1]) if found else None
+
+
 def save_checkpoint(out_dir: Path, step: int, models: dict, optimizer, lr_scheduler, scaler,
                     config_json: str, limit: int | None, extra_state: dict | None = None) -> Path:
     final, tmp = out_dir / f"checkpoint-{step}", out_dir / f".checkpoint-{step}.tmp"

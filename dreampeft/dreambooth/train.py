@@ -26,7 +26,7 @@ from ..adapters import dash_step
 from ..adapters.svd_prefetch import SVDPrefetch
 from ..state import WEIGHTS_NAME
 from . import rundir
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import last_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
 from .batch import compute_loss
 from .data import DreamBoothError, Example, attach_masks, generator, scan_folder
@@ -326,11 +326,11 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         return result
     except (KeyboardInterrupt, RunStopped) as exc:
         events.emit("stopped", reason=str(exc) or "KeyboardInterrupt", step=run and run.step_done,
-                    checkpoint=_last_checkpoint(out))
+                    checkpoint=last_checkpoint(out))
         raise
     except OSError as exc:  # disk full, permissions changed mid-run: say where, keep what is saved
         err = DreamBoothError(f"{exc.filename or out}: {exc.strerror or exc}; the last complete checkpoint "
-                              f"is {_last_checkpoint(out)}: fix it and resume with --resume_from_checkpoint latest")
+                              f"is {last_checkpoint(out)}: fix it and resume with --resume_from_checkpoint latest")
         events.emit("error", message=str(err), kind="OSError")
         raise err from None
     except Exception as exc:
@@ -398,8 +398,3 @@ def fix_text_encoders(run: Run) -> None:
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def _last_checkpoint(out: Path) -> str | None:
-    found = list_checkpoints(out)
-    return str(found[-1][1]) if found else None
