@@ -133,8 +133,8 @@ def toy_scheduler():
                                   prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def train_unet(latents, text, encoders, c: "PretrainConfig", log, sample_fn=None):
-    """UNet and both text encoders, jointly; returns the EMA copies (unet, encoder, encoder_2).
+def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=None):
+    """``start`` = [unet, encoder, encoder_2], trained jointly; returns their EMA copies.
 
     The encoders start as the tiny random CLIP pair. Frozen, they left the UNet nearly blind to the
     prompt within this budget (attention over 77 barely distinct tokens learns slowly); trained
@@ -146,8 +146,7 @@ def train_unet(latents, text, encoders, c: "PretrainConfig", log, sample_fn=None
 
     (mean, std), (ids, index) = latents, text
     steps, batch, seed = c.unet_steps, c.batch, c.seed
-    models = torch.nn.ModuleList([_load_unet(c.init) if c.init else build_toy_unet(seed, c.attention_16, c.unet_width),
-                                  *encoders])
+    models = torch.nn.ModuleList(start)
     models.train().requires_grad_(True)
     ema = copy.deepcopy(models).requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(toy_scheduler().config)
@@ -211,19 +210,6 @@ def _assemble(pipe, **replace):
     new = StableDiffusionXLPipeline(**{**pipe.components, **replace})
     new.set_progress_bar_config(disable=True)
     return new
-
-
-def _load_unet(folder: str):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").float()
-
-
-def _load_text_encoders(folder: str) -> list:
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    return [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").float(),
-            CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2").float()]
 
 
 def _load_vae(folder: str):
@@ -331,8 +317,14 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
         log(f"prompt following at step {step}: {curve[-1]}")
 
     t = time.perf_counter()
-    encoders = _load_text_encoders(c.init) if c.init else [pipe.text_encoder, pipe.text_encoder_2]
-    unet, te1, te2 = train_unet((mean, std), text, encoders, c, log, snapshot)
+    if c.init:  # a second stage: the folder's UNet and encoders (float32)
+        from ..single_file import load_pipeline
+
+        before = load_pipeline(c.init)
+        start = [before.unet, before.text_encoder, before.text_encoder_2]
+    else:  # the tiny random CLIP pair, and a UNet drawn from the seed
+        start = [build_toy_unet(seed, c.attention_16, c.unet_width), pipe.text_encoder, pipe.text_encoder_2]
+    unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
 
