@@ -54,3 +54,29 @@ def test_dash_prefetch_bench_runs_the_trainer_both_ways_to_the_same_adapter(tiny
     assert [r[0] for r in rows] == ["| at the launch (`--no-dash_svd_prefetch`)", "| prefetched during the warm-up (disk)"]
     done, total = rows[1][2].split(" / ")
     assert rows[0][2].startswith("0 / ") and 0 <= int(done) <= int(total)  # the thread only works when asked to
+
+
+def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
+    """bench/toy_ceiling.py (full fine-tuning, the bound no adapter passes): with --params attentions
+    the resnets do not move and the attention weights do; the CLI prints one judged row per step."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("toy_ceiling", ROOT / "bench" / "toy_ceiling.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe, _ = bench._load(bench.TOY_MODEL)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    step, own, (prompts, drawn) = next(bench.fine_tune(pipe, "star", [1], "attentions", log=lambda m: None))
+    moved = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert step == 1 and len(own) == 8 and len(drawn) == len(prompts) == 20
+    assert moved and all(".attentions." in n for n in moved)
+    assert any(n.endswith("ff.net.2.weight") for n in moved)  # the whole transformer block trains
+    grid = tmp_path / "grid.png"
+    proc = subprocess.run([sys.executable, "bench/toy_ceiling.py", "--steps", "1,2", "--grid", str(grid)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in proc.stdout.splitlines() if r.startswith("| | ")]
+    assert [r.split(" | ")[1] for r in rows] == ["1", "2"] and grid.exists()
+    assert all(0 <= float(v) <= 1 for r in rows for v in r.strip(" |").split(" | ")[1:])

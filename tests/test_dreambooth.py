@@ -106,13 +106,18 @@ def test_cli_subprocess_and_config_file(tiny_sdxl, instance_dir, tmp_path):
     cfg = tmp_path / "run.json"
     cfg.write_text('{"adapter": "mora", "adapter_options": {"r": 2, "mora_type": 1}}')
     res = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), "--config", str(cfg),
-                          *base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "2")],
+                          *base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "2",
+                                     "--unet_target_modules", "transformer")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "adapters saved in" in res.stdout
     saved = DreamBoothConfig.from_dict(json.loads((out / "dreambooth_config.json").read_text()))
     assert saved.adapter == "mora" and saved.adapter_options == {"r": 2, "mora_type": 1}
     assert saved.max_train_steps == 2  # the flag overrode nothing in the file, and was kept
+    # a named target set is saved as the modules it adapted (kohya's: attention, feed-forward, proj)
+    assert saved.unet_target_modules == list(dp.UNET_TRANSFORMER)
+    adapted = dp.read_manifest(out)[1]["components"]["unet"]["targets"]
+    assert any(n.endswith("ff.net.2") for n in adapted) and any(n.endswith("proj_in") for n in adapted)
 
 
 def test_prior_preservation_generates_class_images(tiny_sdxl, instance_dir, tmp_path):

@@ -32,10 +32,10 @@ def _pipe(path):
     return pipe
 
 
-def _adapted(path, method):
+def _adapted(path, method, unet_targets=dp.UNET_ATTENTION):
     pipe = _pipe(path)
     for i, comp in enumerate(COMPONENTS):
-        targets = dp.UNET_ATTENTION if comp == "unet" else dp.CLIP_ATTENTION
+        targets = unet_targets if comp == "unet" else dp.CLIP_ATTENTION
         dp.inject_adapters(getattr(pipe, comp), CONFIGS[method].replace(target_modules=list(targets)))
         randomize_adapters(getattr(pipe, comp), seed=i)
     return pipe
@@ -47,9 +47,10 @@ def _text_out(pipe, comp):
         return getattr(pipe, comp)(ids)[0]
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_dash"])
-def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path):
-    ours = _adapted(tiny_sdxl, method)
+@pytest.mark.parametrize("method, targets", [("lora", "attention"), ("lora_dash", "attention"),
+                                             ("lora", "transformer")])  # + feed-forward, proj_in/out
+def test_exact_methods_load_identically_in_diffusers(method, targets, tiny_sdxl, tmp_path):
+    ours = _adapted(tiny_sdxl, method, dp.UNET_TARGET_SETS[targets])
     report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
     assert all(r["exact"] and r["overall_rel_error"] == 0.0 for r in report["components"].values())
     theirs = _pipe(tiny_sdxl)
@@ -60,6 +61,7 @@ def test_exact_methods_load_identically_in_diffusers(method, tiny_sdxl, tmp_path
     with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
         keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
     assert any(k.startswith("unet.down_blocks.") and k.endswith(".to_q.lora_A.weight") for k in keys)
+    assert any(k.endswith(".ff.net.2.lora_B.weight") for k in keys) == (targets == "transformer")
     # keys follow the module names (transformers 5's CLIP has no text_model wrapper), as peft's do
     te_keys = {k for k in keys if k.startswith("text_encoder.") and "layers.0.self_attn.q_proj.lora_B" in k}
     assert len(te_keys) == 1
@@ -172,18 +174,20 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
     assert err.startswith("error:") and "no-model" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("method", ["lora", "lora_dash"])
-@pytest.mark.parametrize("size", ["tiny", "medium"])  # layers_per_block 1 and 2 (SDXL's)
-def test_kohya_file_loads_through_diffusers_sgm_path(method, size, tiny_sdxl, medium_sdxl, tmp_path):
+@pytest.mark.parametrize("method, size, targets", [  # layers_per_block 1 and 2 (SDXL's)
+    ("lora", "tiny", "attention"), ("lora", "medium", "attention"), ("lora_dash", "tiny", "attention"),
+    ("lora_dash", "medium", "attention"), ("lora", "medium", "transformer")])  # kohya's default targets
+def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny_sdxl, medium_sdxl, tmp_path):
     from dreampeft.export import export_kohya
 
     path = tiny_sdxl if size == "tiny" else medium_sdxl
-    ours = _adapted(path, method)
+    ours = _adapted(path, method, dp.UNET_TARGET_SETS[targets])
     weights = export_kohya({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
     with safe_open(weights, "pt") as f:
         keys = set(f.keys())
     assert any(k.startswith("lora_unet_input_blocks_") and k.endswith("_attn1_to_q.lora_down.weight") for k in keys)
     assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert any(k.endswith("_1_proj_in.lora_down.weight") for k in keys) == (targets == "transformer")
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha") for k in keys)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up") for k in keys)
     theirs = _pipe(path)

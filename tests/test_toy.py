@@ -327,3 +327,24 @@ def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path), flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_transformer_recipe_adapts_the_blocks_that_draw_shapes(tmp_path):
+    """The ``transformer`` recipe trains kohya's targets (attention, feed-forward, proj_in/out) on
+    batches of all 5 instance images with the prior term, and what the bench records says so."""
+    import json
+
+    from dreampeft.toy.__main__ import main
+    from dreampeft.toy.recipe import RECIPES, STEPS
+
+    assert STEPS["transformer"] > 300  # a new shape takes longer than the other recipes' 300 steps
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
+                 "--recipe", "transformer", "--subjects", "star", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 2 and saved["recipe_options"] == json.loads(json.dumps(RECIPES["transformer"]))
+    run = tmp_path / "runs" / "star-lora-0"
+    config = json.loads((run / "dreambooth_config.json").read_text())
+    assert config["train_batch_size"] == 5 and config["with_prior_preservation"]
+    targets = json.loads((run / "dreampeft_adapter.json").read_text())["components"]["unet"]["targets"]
+    assert {n.rsplit(".", 1)[-1] for n in targets} >= {"to_q", "proj_in", "proj_out", "2"}  # ff.net.2
+    assert any(n.endswith("ff.net.0.proj") for n in targets)

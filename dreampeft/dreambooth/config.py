@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
-from ..adapters.config import check_fields, option, require
+from ..adapters.config import check_fields, expand_target_sets, option, require
 from ..eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 MAX_RESOLUTION = 4096
@@ -38,7 +38,9 @@ class DreamBoothConfig:
     # -- adapter
     adapter: str = option("lora", "adapter method", choices=lambda: list(METHODS))  # the registry's
     adapter_options: dict = option({}, "method options (set by their own flags, e.g. --rank)")
-    unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt")
+    unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt, or a "
+                                            "named set: attention (the default), transformer (every linear "
+                                            "of the transformer blocks, as kohya's LoRA)")
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
     text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
@@ -133,6 +135,7 @@ class DreamBoothConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self.unet_target_modules = expand_target_sets(self.unet_target_modules)
         if self.adapter not in METHODS:
             raise ConfigError(f"--adapter {self.adapter!r}: choose one of {sorted(METHODS)}")
         require(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")

@@ -2,7 +2,7 @@
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
-    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full] [--out toy_bench]
+    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
 """
@@ -19,7 +19,10 @@ from ..presets import parse_methods
 from .bench import BENCH_STEPS
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
 from .options import VARIANTS
-from .recipe import RECIPES
+from .recipe import RECIPES, STEPS
+
+STEPS_HELP = "training steps per run (default: the recipe's: " + ", ".join(
+    f"{r} {STEPS.get(r, BENCH_STEPS)}" for r in RECIPES) + ")"
 from .pretrain import PretrainConfig, pretrain
 
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ben = sub.add_parser("bench", help="DreamBooth on unseen subjects, every method, judged offline")
     ben.add_argument("--model", default=str(TOY_MODEL))
     ben.add_argument("--methods", default=",".join(METHODS))
-    ben.add_argument("--steps", type=int, default=BENCH_STEPS)
+    ben.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     ben.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
     ben.add_argument("--train_seeds", type=int, default=3, help="training runs per method and subject")
     ben.add_argument("--recipe", default="prior", choices=list(RECIPES), help="trainer options (toy/recipe.py)")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--model", default=str(TOY_MODEL))
     swp.add_argument("--methods", default=",".join(METHODS))
     swp.add_argument("--factors", default="0.25,0.5,1,2,4")
-    swp.add_argument("--steps", type=int, default=BENCH_STEPS)
+    swp.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     swp.add_argument("--subject", default="cross", choices=sorted(ALL_SUBJECTS),
                      help="default: the tuning subject, which the bench does not report")
     swp.add_argument("--recipe", default="prior", choices=list(RECIPES))

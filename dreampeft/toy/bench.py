@@ -27,7 +27,7 @@ from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
 from .models import HEADS
-from .recipe import RECIPES, class_images_if_needed, recipe_options
+from .recipe import RECIPES, STEPS, class_images_if_needed, recipe_options
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
@@ -65,8 +65,8 @@ def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: 
     cfg = DreamBoothConfig(
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
         instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=adapter_options,
-        learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps, train_batch_size=2,
-        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True, **options)
+        learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps,
+        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True, **{"train_batch_size": 2, **options})
     t0 = time.perf_counter()
     result = train(cfg)
     later = result.step_seconds[1:] or result.step_seconds  # the first step pays for warm-up
@@ -119,13 +119,14 @@ def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
     return write_subject(subject, out / "subjects" / subject), options
 
 
-def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int = BENCH_STEPS,
+def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,
               seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "prior",
               log=print) -> dict:
     """Train every method on every subject ``train_seeds`` times with ``recipe``, generate the
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
-    ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``."""
-    out = Path(out)
+    ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``. ``steps``: by default
+    the recipe's (``recipe.STEPS``, else BENCH_STEPS)."""
+    out, steps = Path(out), steps or STEPS.get(recipe, BENCH_STEPS)
     pipe, judge = _load(model_dir)
     prompts, base_images = generations(pipe, seeds)
     results, grid = {}, []
@@ -166,14 +167,14 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
-             steps: int = BENCH_STEPS, seeds: int = 2, subject: str = "cross", recipe: str = "prior",
+             steps: int | None = None, seeds: int = 2, subject: str = "cross", recipe: str = "prior",
              option_grid: dict[str, list] | None = None, log=print) -> dict:
     """Each method at its toy preset's rate times each factor — and, for the methods that have it,
     each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
     (by default the tuning subject, never a reported one): subject and prompt fidelity per setting,
     written to ``sweep.json``/``sweep.md``. Returns the setting with the best subject + prompt
     fidelity per method ({"lr", "options"}): what the toy preset in ``dreampeft.presets`` should hold."""
-    out = Path(out)
+    out, steps = Path(out), steps or STEPS.get(recipe, BENCH_STEPS)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
     prompts, base_images = generations(pipe, seeds)

@@ -1,0 +1,89 @@
+"""The ceiling of the toy subject benchmark: fine-tune the *whole* toy UNet on a subject's 5
+instance images and see whether even that draws the subject — and at how many steps.
+
+    python bench/toy_ceiling.py [--subject star] [--steps 500,1000,2000] [--params all|attentions|resnets]
+
+No adapter reaches further than full fine-tuning, so this separates "the toy cannot learn the
+subject in this budget" from "this adapter cannot". Frozen text encoders (the UNet sees "a sks
+object" through the base's encoders), v-prediction MSE on the base's own schedule, AdamW at
+1e-4, batch = all 5 instance images (VAE means), seed 0. Judged like the bench: subject fidelity on
+8 images of the instance prompt itself and on the recontext prompts (4 images each), and prompt
+fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dreampeft.toy import TOY_MODEL  # noqa: E402
+from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
+from dreampeft.toy.evaluate import _pixels, generate  # noqa: E402
+from dreampeft.toyworld import ALL_SUBJECTS, render, subject_scenes  # noqa: E402
+from dreampeft.utils import image_grid  # noqa: E402
+
+PARAMS = {"all": "", "attentions": "attentions", "resnets": "resnets|conv_in"}  # name filters
+# conv_in rides with the resnets: on this CPU build, training convolutions whose input needs no
+# gradient while conv_in is frozen segfaulted (torch 2.13 CPU, oneDNN) — noted, not chased.
+
+
+def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, log=print):
+    """Yield (step, images of the instance prompt, recontext images) at each of ``steps``."""
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the base's betas: zero terminal SNR
+    with torch.no_grad():
+        images = _pixels([render(s) for s in subject_scenes(subject, 5)])
+        latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(INSTANCE_PROMPT, do_classifier_free_guidance=False)
+    n = len(latents)
+    cond = {"text_embeds": pooled.expand(n, -1), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(n, -1)}
+    unet = pipe.unet.train().requires_grad_(False)
+    trained = [p for name, p in unet.named_parameters() if re.search(PARAMS[params], name)]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    t0 = time.perf_counter()
+    for step in range(1, max(steps) + 1):
+        noise, t = torch.randn_like(latents), torch.randint(0, sched.config.num_train_timesteps, (n,))
+        pred = unet(sched.add_noise(latents, noise, t), t, embeds.expand(n, -1, -1), added_cond_kwargs=cond).sample
+        loss = torch.nn.functional.mse_loss(pred, sched.get_velocity(latents, noise, t))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in steps:
+            unet.eval()
+            log(f"step {step}: {time.perf_counter() - t0:.0f} s")
+            yield step, generate(pipe, [INSTANCE_PROMPT] * 8, seed=0), generations(pipe, 4)
+            unet.train()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(TOY_MODEL))
+    ap.add_argument("--subject", default="star", choices=sorted(ALL_SUBJECTS))
+    ap.add_argument("--steps", default="500,1000,2000", help="comma-separated steps at which to judge")
+    ap.add_argument("--params", default="all", choices=list(PARAMS), help="which UNet parameters train")
+    ap.add_argument("--grid", default=None, help="save the last step's images here (PNG)")
+    args = ap.parse_args(argv)
+    steps = sorted(int(s) for s in args.steps.split(","))
+    pipe, judge = _load(args.model)
+    print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt |")
+    print("|---|---:|---:|---:|---:|")
+    for step, own, (prompts, drawn) in fine_tune(pipe, args.subject, steps, args.params,
+                                                 log=lambda m: print(m, file=sys.stderr, flush=True)):
+        a, b = score(judge, own, [INSTANCE_PROMPT] * len(own), args.subject), score(judge, drawn, prompts, args.subject)
+        print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} |", flush=True)
+        if args.grid and step == steps[-1]:
+            image_grid([own, drawn[::4]]).save(args.grid)
+
+
+if __name__ == "__main__":
+    main()
