@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 # Every linear layer of SDXL's transformer blocks: attention, the feed-forward and the projections
 # in and out of each block — kohya sd-scripts' default LoRA targets (all of Transformer2DModel's
 # linears). On the toy a new shape needs them: attention alone cannot learn the star (README).
@@ -28,7 +29,6 @@ def expand_target_sets(targets: list[str]) -> list[str]:
     (duplicates dropped, order kept) so what is saved beside the weights is the modules adapted."""
     expanded = [suffix for t in targets for suffix in UNET_TARGET_SETS.get(t, (t,))]
     return list(dict.fromkeys(expanded))
-CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def option(default: Any, help: str, **kw) -> Any:

@@ -19,11 +19,11 @@ from ..presets import parse_methods
 from .bench import BENCH_STEPS
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
 from .options import VARIANTS
-from .recipe import RECIPES, STEPS
+from .recipe import RECIPES, recipe_steps
+from .pretrain import PretrainConfig, pretrain
 
 STEPS_HELP = "training steps per run (default: the recipe's: " + ", ".join(
-    f"{r} {STEPS.get(r, BENCH_STEPS)}" for r in RECIPES) + ")"
-from .pretrain import PretrainConfig, pretrain
+    f"{r} {recipe_steps(r)}" for r in RECIPES) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,13 +27,13 @@ from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import generate, judge_images
 from .models import HEADS
-from .recipe import RECIPES, STEPS, class_images_if_needed, recipe_options
+from .recipe import DEFAULT_STEPS, RECIPES, class_images_if_needed, recipe_options, recipe_steps
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
 # Measured with LoRA on the star (4 seeds, base 0.25): UNet only 0.23 at 300 steps, 0.35 at 600 (r 8);
 # with the encoders 0.49 at 300, 0.37 at 600 (instance backgrounds start to leak into other prompts).
-BENCH_STEPS = 300
+BENCH_STEPS = DEFAULT_STEPS  # the plain, prior and full recipes' (recipe.py)
 RECONTEXT = {  # prompt → the attributes it asks for
     "a sks object on a green background": {"background": "green"},
     "a sks object on a black background": {"background": "black"},
@@ -126,7 +126,7 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
     ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``. ``steps``: by default
     the recipe's (``recipe.STEPS``, else BENCH_STEPS)."""
-    out, steps = Path(out), steps or STEPS.get(recipe, BENCH_STEPS)
+    out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     prompts, base_images = generations(pipe, seeds)
     results, grid = {}, []
@@ -174,7 +174,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     (by default the tuning subject, never a reported one): subject and prompt fidelity per setting,
     written to ``sweep.json``/``sweep.md``. Returns the setting with the best subject + prompt
     fidelity per method ({"lr", "options"}): what the toy preset in ``dreampeft.presets`` should hold."""
-    out, steps = Path(out), steps or STEPS.get(recipe, BENCH_STEPS)
+    out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
     prompts, base_images = generations(pipe, seeds)

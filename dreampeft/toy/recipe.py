@@ -38,7 +38,8 @@ SELECT_PROMPTS = [  # held out from bench.RECONTEXT: other backgrounds, corners 
     "a large sks object in the bottom left corner",
 ]
 CLASS_IMAGES = 48
-STEPS = {"transformer": 1000}  # a recipe's steps when the bench is not given --steps (else bench.BENCH_STEPS)
+STEPS = {"transformer": 1000}  # a recipe's steps when the bench is not given --steps
+DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is explained)
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
          "caption_dropout_rate": 0.1}
@@ -53,6 +54,11 @@ RECIPES: dict[str, dict] = {
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
 }
+
+
+def recipe_steps(recipe: str, steps: int | None = None) -> int:
+    """``steps`` when given, else the recipe's own."""
+    return steps or STEPS.get(recipe, DEFAULT_STEPS)
 
 
 def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0) -> Path:
