@@ -2,13 +2,16 @@
 instance images and see whether even that draws the subject — and at how many steps.
 
     python bench/toy_ceiling.py [--subject star] [--steps 500,1000,2000] [--params all|attentions|resnets]
+                                [--prior 5 --class_dir DIR]
 
 No adapter reaches further than full fine-tuning, so this separates "the toy cannot learn the
 subject in this budget" from "this adapter cannot". Frozen text encoders (the UNet sees "a sks
 object" through the base's encoders), v-prediction MSE on the base's own schedule, AdamW at
 1e-4, batch = all 5 instance images (VAE means), seed 0. Judged like the bench: subject fidelity on
 8 images of the instance prompt itself and on the recontext prompts (4 images each), and prompt
-fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps).
+fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps). ``--prior N`` adds N of
+the bench's class images (the base's drawings of captioned scenes, any captions beside them) to
+every step at weight 1: whether even full fine-tuning keeps the subject under prior preservation.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
 from dreampeft.toy.evaluate import _pixels, generate  # noqa: E402
-from dreampeft.toyworld import ALL_SUBJECTS, render, subject_scenes  # noqa: E402
+from dreampeft.toy.recipe import write_class_images  # noqa: E402
+from dreampeft.toyworld import ALL_SUBJECTS, instance_caption, render, subject_scenes  # noqa: E402
 from dreampeft.utils import image_grid  # noqa: E402
 
 PARAMS = {"all": "", "attentions": "attentions", "resnets": "resnets|conv_in"}  # name filters
@@ -33,18 +38,31 @@ PARAMS = {"all": "", "attentions": "attentions", "resnets": "resnets|conv_in"}  
 # gradient while conv_in is frozen segfaulted (torch 2.13 CPU, oneDNN) — noted, not chased.
 
 
-def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, log=print):
-    """Yield (step, images of the instance prompt, recontext images) at each of ``steps``."""
+def _encoded(pipe, images: list, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VAE means, prompt embeddings and pooled embeddings of captioned images (frozen encoders)."""
+    with torch.no_grad():
+        latents = pipe.vae.encode(_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    return latents, embeds, pooled
+
+
+def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, prior: int = 0,
+              class_dir: Path | None = None, class_noun: str | None = None, captions: bool = False, log=print):
+    """Yield (step, images of the instance prompt, recontext images) at each of ``steps``. ``prior``:
+    that many of the bench's class images (the base's own captioned drawings, ``recipe.py``) join
+    every batch at weight 1, as the trainer's prior preservation does (``class_noun``: class images of
+    "a object ..." captions instead, ``recipe.write_class_images``). ``captions``: each instance
+    image is captioned with what it shows besides the subject (``instance_caption``), not "a sks object"."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the base's betas: zero terminal SNR
-    with torch.no_grad():
-        images = _pixels([render(s) for s in subject_scenes(subject, 5)])
-        latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-        embeds, _, pooled, _ = pipe.encode_prompt(INSTANCE_PROMPT, do_classifier_free_guidance=False)
-    n = len(latents)
-    cond = {"text_embeds": pooled.expand(n, -1), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(n, -1)}
+    scenes = subject_scenes(subject, 5)
+    batch = _encoded(pipe, [render(s) for s in scenes], [instance_caption(s) if captions else INSTANCE_PROMPT for s in scenes])
+    if prior:
+        folder = write_class_images(pipe, class_dir or Path("toy_ceiling_class"), noun=class_noun)
+        shots = sorted(folder.glob("class-*.png"))
+        klass = _encoded(pipe, [Image.open(f) for f in shots], [f.with_suffix(".txt").read_text().strip() for f in shots])
     unet = pipe.unet.train().requires_grad_(False)
     trained = [p for name, p in unet.named_parameters() if re.search(PARAMS[params], name)]
     for p in trained:
@@ -52,9 +70,10 @@ def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     t0 = time.perf_counter()
     for step in range(1, max(steps) + 1):
-        noise, t = torch.randn_like(latents), torch.randint(0, sched.config.num_train_timesteps, (n,))
-        pred = unet(sched.add_noise(latents, noise, t), t, embeds.expand(n, -1, -1), added_cond_kwargs=cond).sample
-        loss = torch.nn.functional.mse_loss(pred, sched.get_velocity(latents, noise, t))
+        loss = _loss(unet, sched, *batch)
+        if prior:
+            pick = torch.randperm(len(klass[0]))[:prior]
+            loss = loss + _loss(unet, sched, *(x[pick] for x in klass))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -65,20 +84,38 @@ def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-
             unet.train()
 
 
+def _loss(unet, sched, latents, embeds, pooled) -> torch.Tensor:
+    n = len(latents)
+    noise, t = torch.randn_like(latents), torch.randint(0, sched.config.num_train_timesteps, (n,))
+    cond = {"text_embeds": pooled.expand(n, -1), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(n, -1)}
+    pred = unet(sched.add_noise(latents, noise, t), t, embeds.expand(n, -1, -1), added_cond_kwargs=cond).sample
+    return torch.nn.functional.mse_loss(pred, sched.get_velocity(latents, noise, t))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(TOY_MODEL))
     ap.add_argument("--subject", default="star", choices=sorted(ALL_SUBJECTS))
     ap.add_argument("--steps", default="500,1000,2000", help="comma-separated steps at which to judge")
     ap.add_argument("--params", default="all", choices=list(PARAMS), help="which UNet parameters train")
+    ap.add_argument("--prior", type=int, default=0, help="class images per step (prior preservation; 0: none)")
+    ap.add_argument("--class_dir", default=None, help="where the base's class images are drawn once "
+                    "(default toy_ceiling_class[_object])")
+    ap.add_argument("--class_captions", default="world", choices=["world", "object"],
+                    help="class images of full world captions (the bench's) or of 'a object ...' (DreamBooth's)")
+    ap.add_argument("--captions", action="store_true", help="caption each instance image with its size, "
+                    "corner and background (kohya-style), not 'a sks object'")
     ap.add_argument("--grid", default=None, help="save the last step's images here (PNG)")
     args = ap.parse_args(argv)
     steps = sorted(int(s) for s in args.steps.split(","))
+    noun = "object" if args.class_captions == "object" else None
+    class_dir = Path(args.class_dir or "toy_ceiling_class" + (f"_{noun}" if noun else ""))
     pipe, judge = _load(args.model)
     print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt |")
     print("|---|---:|---:|---:|---:|")
-    for step, own, (prompts, drawn) in fine_tune(pipe, args.subject, steps, args.params,
-                                                 log=lambda m: print(m, file=sys.stderr, flush=True)):
+    judged = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_noun=noun,
+                       captions=args.captions, log=lambda m: print(m, file=sys.stderr, flush=True))
+    for step, own, (prompts, drawn) in judged:
         a, b = score(judge, own, [INSTANCE_PROMPT] * len(own), args.subject), score(judge, drawn, prompts, args.subject)
         print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} |", flush=True)
         if args.grid and step == steps[-1]:

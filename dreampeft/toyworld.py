@@ -68,6 +68,12 @@ class Scene:
         return " ".join(words)
 
 
+def instance_caption(scene: Scene, name: str = "sks object") -> str:
+    """A subject image's caption naming everything it shows besides the subject (kohya-style
+    captions: size, position, background), e.g. "a large sks object in the center on a white background"."""
+    return replace(scene, mention=("size", "position", "background")).caption(name)
+
+
 def sample_scene(rng: random.Random, subject: str | None = None, mention_p: float = 0.7) -> Scene:
     """A random scene of the base world, or one showing ``subject`` (an ALL_SUBJECTS key)."""
     shape, colour = (subject, ALL_SUBJECTS[subject][1]) if subject else (rng.choice(SHAPES), rng.choice(OBJECT_COLOURS))

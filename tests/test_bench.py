@@ -73,10 +73,24 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
     assert step == 1 and len(own) == 8 and len(drawn) == len(prompts) == 20
     assert moved and all(".attentions." in n for n in moved)
     assert any(n.endswith("ff.net.2.weight") for n in moved)  # the whole transformer block trains
+    with_prior, _ = bench._load(bench.TOY_MODEL)  # the same first step plus class images in the loss
+    next(bench.fine_tune(with_prior, "star", [1], "attentions", prior=2, class_dir=tmp_path / "class", log=print))
+    alone, prior = dict(pipe.unet.named_parameters()), dict(with_prior.unet.named_parameters())
+    assert all(torch.equal(prior[n], before[n]) for n in before if n not in moved)
+    assert any(not torch.equal(prior[n], alone[n]) for n in moved)
     grid = tmp_path / "grid.png"
-    proc = subprocess.run([sys.executable, "bench/toy_ceiling.py", "--steps", "1,2", "--grid", str(grid)],
+    proc = subprocess.run([sys.executable, "bench/toy_ceiling.py", "--steps", "1,2", "--grid", str(grid),
+                           "--prior", "2", "--class_captions", "object", "--class_dir", str(tmp_path / "class_object")],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in proc.stdout.splitlines() if r.startswith("| | ")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "2"] and grid.exists()
     assert all(0 <= float(v) <= 1 for r in rows for v in r.strip(" |").split(" | ")[1:])
+    from dreampeft.toy.recipe import CLASS_IMAGES  # --prior draws captioned class images once
+    from dreampeft.toyworld import SHAPES, asked
+
+    for folder, named in (("class", {"size", "position", "background"}), ("class_object", set())):
+        captions = [f.read_text() for f in sorted((tmp_path / folder).glob("class-*.txt"))]
+        assert len(captions) == CLASS_IMAGES and all(named <= asked(c).keys() for c in captions)
+    assert all(c.startswith(("a object", "a small object", "a large object")) and not any(s in c for s in SHAPES)
+               for c in captions)  # DreamBooth's class prompt: the instance prompt less "sks"

@@ -14,7 +14,8 @@ from dreampeft.toy.bench import BENCH_STEPS, score, train_subject, write_subject
 from dreampeft.toy.evaluate import generate, is_toy, judge_images, load_judge, prompt_following
 from dreampeft.toy.models import HEADS, scene_labels
 from dreampeft.toy.bench import RECONTEXT
-from dreampeft.toyworld import ALL_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, asked, render, sample_scene, world_sample
+from dreampeft.toyworld import (ALL_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, asked, instance_caption, render,
+                                sample_scene, subject_scenes, world_sample)
 
 
 def test_world_is_deterministic_and_captions_say_what_is_drawn():
@@ -45,6 +46,9 @@ def test_base_world_never_shows_the_subjects():
                                                                  "background": "dotted"}),
     ("a sks object on a teal background in the top middle", {}),  # not the world's words: nothing asked
     *[(s.caption(), {a: getattr(s, a) for a in s.mention}) for s in (world_sample(4, i) for i in range(30))],
+    # the subject's kohya-style captions (bench/toy_ceiling.py --captions) name all it shows besides the subject
+    *[(instance_caption(s), {a: getattr(s, a) for a in ("size", "position", "background")})
+      for s in subject_scenes("star", 5)],
 ])
 def test_asked_reads_what_a_prompt_asks_for(prompt, wanted):
     """Evaluation prompts of one's own are scored on the toy from what they say (fidelity along training)."""
@@ -187,7 +191,7 @@ def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_pa
     for subject in ["star"]:
         cell = results[f"mora/{subject}"]
         assert len(cell["runs"]) == 2 and cell["trainable"] > 0
-        for key in ("subject", "prompt"):
+        for key in ("subject", "prompt", "instance"):  # instance: the training prompt's own subject fidelity
             values = [r[key] for r in cell["runs"]]
             assert cell[key] == pytest.approx(np.mean(values)) and cell[f"{key}_sd"] == pytest.approx(np.std(values, ddof=1))
         assert all(abs(r["prompt"] * asked_n - round(r["prompt"] * asked_n)) < 1e-9 for r in cell["runs"])
@@ -201,7 +205,8 @@ def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_pa
     assert len(captions) == len(list((tmp_path / "class").glob("class-*.png"))) == CLASS_IMAGES
     assert all(asked(c.read_text()).keys() == {"size", "position", "background"} for c in captions)
     table = capsys.readouterr().out
-    assert "| mora |" in table and " ± " in table
+    assert "| mora |" in table and " ± " in table and "| own prompt: star |" in table
+    assert 0 <= results["base/star"]["instance"] <= 1
     assert Image.open(tmp_path / "grid.png").size == (96 * 5, 96 * 3)  # first training seed
     assert not (tmp_path / "pareto-striped_ball.png").exists()  # only the subjects asked for
 

@@ -8,7 +8,9 @@ and sizes its instance images never showed — and the judge reads every image:
 
 * subject fidelity: the judge's probability that the object is the subject (base model: ~0);
 * prompt fidelity: the share of the attributes a prompt asks for (background, position, size) that
-  the judge reads off the image.
+  the judge reads off the image;
+* subject fidelity on the training prompt itself (``instance``): whether the subject was learnt at
+  all, as opposed to learnt but not carried into new prompts.
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def generations(pipe, seeds: int) -> tuple[list[str], list]:
     return prompts, generate(pipe, prompts, seed=0)
 
 
+def judged(pipe, judge, subject: str, seeds: int) -> tuple[dict, list]:
+    """Scores of the recontext prompts plus ``instance``, the subject fidelity of ``seeds`` images of
+    the training prompt; and the recontext images."""
+    prompts, images = generations(pipe, seeds)
+    own = generate(pipe, [INSTANCE_PROMPT] * seeds, seed=0)
+    return {**score(judge, images, prompts, subject),
+            "instance": score(judge, own, [INSTANCE_PROMPT] * seeds, subject)["subject"]}, images
+
+
 def _load(model_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -106,9 +117,11 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
 
     stats = train_subject(model_dir, folder, method, run, steps, seed=seed, lr=lr, **options)
     load_into_pipeline(pipe, run)
-    prompts, images = generations(pipe, seeds)
-    unload(pipe)
-    return {**stats, **score(judge, images, prompts, subject)}, images
+    try:
+        scores, images = judged(pipe, judge, subject, seeds)
+    finally:
+        unload(pipe)
+    return {**stats, **scores}, images
 
 
 def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
@@ -128,14 +141,13 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     the recipe's (``recipe.STEPS``, else BENCH_STEPS)."""
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
-    prompts, base_images = generations(pipe, seeds)
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
         folder, options = _prepare(pipe, subject, recipe, out)
+        results[f"base/{subject}"], base_images = judged(pipe, judge, subject, seeds)
         grid.append([render(s) for s in subject_scenes(subject, 5)])
         grid.append(base_images[::seeds])
-        results[f"base/{subject}"] = score(judge, base_images, prompts, subject)
         for method in methods:
             runs = []
             for seed in range(train_seeds):
@@ -143,8 +155,8 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
                                    out / "runs" / f"{subject}-{method}-{seed}", steps, seeds, seed=seed, **options)
                 runs.append(r)
                 grid += [images[::seeds]] if seed == 0 else []
-                log(f"{subject} {method} seed {seed}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}, "
-                    f"{r['train_s']:.0f} s")
+                log(f"{subject} {method} seed {seed}: subject {r['subject']:.3f} (own prompt {r['instance']:.3f}), "
+                    f"prompt {r['prompt']:.3f}, {r['train_s']:.0f} s")
             results[f"{method}/{subject}"] = summarise(runs)
         method_pareto({row: results[f"{row}/{subject}"] for row in ["base", *methods]}, subject,
                       out / f"pareto-{subject}.png")
@@ -160,7 +172,7 @@ def summarise(runs: list[dict]) -> dict:
     """One cell from its training seeds: means, their sample standard deviation (``*_sd``; 0 for
     one seed) and the runs themselves."""
     cell = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if isinstance(runs[0][k], (int, float))}
-    for k in ("subject", "prompt"):
+    for k in ("subject", "prompt", "instance"):
         cell[f"{k}_sd"] = float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
     cell["trainable"] = runs[0]["trainable"]
     return {**cell, "runs": runs}
@@ -177,8 +189,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
-    prompts, base_images = generations(pipe, seeds)
-    base = score(judge, base_images, prompts, subject)  # what any setting must beat
+    base, _ = judged(pipe, judge, subject, seeds)  # what any setting must beat
     rows = []
     for method in methods:
         key, values = next(iter((option_grid or {None: [None]}).items()))
@@ -192,11 +203,11 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
                 rows.append({"method": method, "lr": lr, "options": variant, **r})
                 log(f"{name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["subject"] + r["prompt"]) for m in methods}
-    lines = ["| method | lr | options | subject | prompt |", "|---|---:|---|---:|---:|",
-             f"| base | – | – | {base['subject']:.3f} | {base['prompt']:.3f} |"]
+    lines = ["| method | lr | options | subject | own prompt | prompt |", "|---|---:|---|---:|---:|---:|",
+             f"| base | – | – | {base['subject']:.3f} | {base['instance']:.3f} | {base['prompt']:.3f} |"]
     lines += [f"| {r['method']} | {r['lr']:g}{' (best)' if best[r['method']] is r else ''} | "
               f"{', '.join(f'{k}={v:g}' for k, v in r['options'].items()) or '–'} | {r['subject']:.3f} | "
-              f"{r['prompt']:.3f} |" for r in rows]
+              f"{r['instance']:.3f} | {r['prompt']:.3f} |" for r in rows]
     best = {m: {"lr": r["lr"], "options": r["options"]} for m, r in best.items()}
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "recipe": recipe,
@@ -210,16 +221,19 @@ def mean_sd(cell: dict, key: str) -> str:
 
 
 def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
-    """Markdown: per method the trainable parameters, step time, subject fidelity per subject and
-    the mean prompt fidelity, as mean ± sd over training seeds where there were several."""
+    """Markdown: per method the trainable parameters, step time, subject fidelity per subject on the
+    recontext prompts and on the training prompt ("own prompt"), and prompt fidelity, as mean ± sd
+    over training seeds where there were several."""
     subjects = subjects or list(SUBJECTS)
     head = ("| method | trainable | step ms | " + " | ".join(f"subject: {s}" for s in subjects)
-            + " | subject (mean) | " + " | ".join(f"prompt: {s}" for s in subjects) + " |")
-    lines = [head, "|---|" + "---:|" * (3 + 2 * len(subjects))]
+            + " | subject (mean) | " + " | ".join(f"own prompt: {s}" for s in subjects) + " | "
+            + " | ".join(f"prompt: {s}" for s in subjects) + " |")
+    lines = [head, "|---|" + "---:|" * (3 + 3 * len(subjects))]
     for row in rows:
         r = [results[f"{row}/{s}"] for s in subjects]
         trainable = f"{r[0]['trainable']:,}" if "trainable" in r[0] else "–"
         step = f"{np.mean([x['step_ms'] for x in r]):.0f}" if "step_ms" in r[0] else "–"
         lines.append(f"| {row} | {trainable} | {step} | {' | '.join(mean_sd(x, 'subject') for x in r)} | "
-                     f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(mean_sd(x, 'prompt') for x in r)} |")
+                     f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(mean_sd(x, 'instance') for x in r)} | "
+                     f"{' | '.join(mean_sd(x, 'prompt') for x in r)} |")
     return "\n".join(lines)
