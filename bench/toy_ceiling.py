@@ -2,16 +2,18 @@
 instance images and see whether even that draws the subject — and at how many steps.
 
     python bench/toy_ceiling.py [--subject star] [--steps 500,1000,2000] [--params all|attentions|resnets]
-                                [--prior 5 --class_dir DIR]
+                                [--prior 5 [--class_captions world|object] [--class_dir DIR]] [--captions]
 
 No adapter reaches further than full fine-tuning, so this separates "the toy cannot learn the
 subject in this budget" from "this adapter cannot". Frozen text encoders (the UNet sees "a sks
 object" through the base's encoders), v-prediction MSE on the base's own schedule, AdamW at
 1e-4, batch = all 5 instance images (VAE means), seed 0. Judged like the bench: subject fidelity on
 8 images of the instance prompt itself and on the recontext prompts (4 images each), and prompt
-fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps). ``--prior N`` adds N of
-the bench's class images (the base's drawings of captioned scenes, any captions beside them) to
-every step at weight 1: whether even full fine-tuning keeps the subject under prior preservation.
+fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps). ``--prior N`` adds N
+class images drawn by the base (the bench's full world captions, or DreamBooth's "a object ..." with
+``--class_captions object``) to every step at weight 1; ``--captions`` captions the instance images
+kohya-style. Measured: under prior preservation the whole UNet learns the star on its own prompt and
+not in new contexts (README, ``bench/results/toy_subject_probes.md``).
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ def _encoded(pipe, images: list, captions: list[str]) -> tuple[torch.Tensor, tor
 def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, prior: int = 0,
               class_dir: Path | None = None, class_noun: str | None = None, captions: bool = False, log=print):
     """Yield (step, images of the instance prompt, recontext images) at each of ``steps``. ``prior``:
-    that many of the bench's class images (the base's own captioned drawings, ``recipe.py``) join
-    every batch at weight 1, as the trainer's prior preservation does (``class_noun``: class images of
-    "a object ..." captions instead, ``recipe.write_class_images``). ``captions``: each instance
-    image is captioned with what it shows besides the subject (``instance_caption``), not "a sks object"."""
+    that many class images from ``class_dir`` (drawn there once by ``recipe.write_class_images``, with
+    ``class_noun`` if given) join every batch at weight 1, as the trainer's prior preservation does.
+    ``captions``: each instance image is captioned with what it shows besides the subject
+    (``instance_caption``), not "a sks object"."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
@@ -60,7 +62,7 @@ def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-
     scenes = subject_scenes(subject, 5)
     batch = _encoded(pipe, [render(s) for s in scenes], [instance_caption(s) if captions else INSTANCE_PROMPT for s in scenes])
     if prior:
-        folder = write_class_images(pipe, class_dir or Path("toy_ceiling_class"), noun=class_noun)
+        folder = write_class_images(pipe, class_dir, noun=class_noun)
         shots = sorted(folder.glob("class-*.png"))
         klass = _encoded(pipe, [Image.open(f) for f in shots], [f.with_suffix(".txt").read_text().strip() for f in shots])
     unet = pipe.unet.train().requires_grad_(False)
