@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe, judge = _load(args.model)
     print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt |")
     print("|---|---:|---:|---:|---:|")
-    judged = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_noun=noun,
+    along = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_noun=noun,
                        captions=args.captions, log=lambda m: print(m, file=sys.stderr, flush=True))
-    for step, own, (prompts, drawn) in judged:
+    for step, own, (prompts, drawn) in along:
         a, b = score(judge, own, [INSTANCE_PROMPT] * len(own), args.subject), score(judge, drawn, prompts, args.subject)
         print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} |", flush=True)
         if args.grid and step == steps[-1]:

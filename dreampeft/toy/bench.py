@@ -91,13 +91,17 @@ def generations(pipe, seeds: int) -> tuple[list[str], list]:
     return prompts, generate(pipe, prompts, seed=0)
 
 
-def judged(pipe, judge, subject: str, seeds: int) -> tuple[dict, list]:
-    """Scores of the recontext prompts plus ``instance``, the subject fidelity of ``seeds`` images of
-    the training prompt; and the recontext images."""
-    prompts, images = generations(pipe, seeds)
-    own = generate(pipe, [INSTANCE_PROMPT] * seeds, seed=0)
+def draw(pipe, seeds: int) -> tuple[list[str], list, list]:
+    """The recontext prompts, their images, and ``seeds`` images of the training prompt itself."""
+    return *generations(pipe, seeds), generate(pipe, [INSTANCE_PROMPT] * seeds, seed=0)
+
+
+def judged(judge, drawn: tuple[list[str], list, list], subject: str) -> dict:
+    """Scores of ``draw``'s recontext images plus ``instance``, the subject fidelity of its images of
+    the training prompt."""
+    prompts, images, own = drawn
     return {**score(judge, images, prompts, subject),
-            "instance": score(judge, own, [INSTANCE_PROMPT] * seeds, subject)["subject"]}, images
+            "instance": score(judge, own, [INSTANCE_PROMPT] * len(own), subject)["subject"]}
 
 
 def _load(model_dir):
@@ -118,10 +122,10 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
     stats = train_subject(model_dir, folder, method, run, steps, seed=seed, lr=lr, **options)
     load_into_pipeline(pipe, run)
     try:
-        scores, images = judged(pipe, judge, subject, seeds)
+        drawn = draw(pipe, seeds)
     finally:
         unload(pipe)
-    return {**stats, **scores}, images
+    return {**stats, **judged(judge, drawn, subject)}, drawn[1]
 
 
 def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
@@ -141,13 +145,14 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     the recipe's (``recipe.STEPS``, else BENCH_STEPS)."""
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
+    base = draw(pipe, seeds)  # the base's images, scored against each subject
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
         folder, options = _prepare(pipe, subject, recipe, out)
-        results[f"base/{subject}"], base_images = judged(pipe, judge, subject, seeds)
+        results[f"base/{subject}"] = judged(judge, base, subject)
         grid.append([render(s) for s in subject_scenes(subject, 5)])
-        grid.append(base_images[::seeds])
+        grid.append(base[1][::seeds])
         for method in methods:
             runs = []
             for seed in range(train_seeds):
@@ -189,7 +194,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
-    base, _ = judged(pipe, judge, subject, seeds)  # what any setting must beat
+    base = judged(judge, draw(pipe, seeds), subject)  # what any setting must beat
     rows = []
     for method in methods:
         key, values = next(iter((option_grid or {None: [None]}).items()))
