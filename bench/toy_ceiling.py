@@ -2,18 +2,22 @@
 instance images and see whether even that draws the subject — and at how many steps.
 
     python bench/toy_ceiling.py [--subject star] [--steps 500,1000,2000] [--params all|attentions|resnets]
-                                [--prior 5 [--class_captions world|object] [--class_dir DIR]] [--captions]
+                                [--prior 5 [--class_captions world|object|plain] [--class_dir DIR]] [--captions]
 
 No adapter reaches further than full fine-tuning, so this separates "the toy cannot learn the
 subject in this budget" from "this adapter cannot". Frozen text encoders (the UNet sees "a sks
 object" through the base's encoders), v-prediction MSE on the base's own schedule, AdamW at
-1e-4, batch = all 5 instance images (VAE means), seed 0. Judged like the bench: subject fidelity on
+1e-4, batch = all 5 instance images (VAE means), ``--seed`` 0. Judged like the bench: subject fidelity on
 8 images of the instance prompt itself and on the recontext prompts (4 images each), and prompt
-fidelity. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps). ``--prior N`` adds N
-class images drawn by the base (the bench's full world captions, or DreamBooth's "a object ..." with
-``--class_captions object``) to every step at weight 1; ``--captions`` captions the instance images
-kohya-style. Measured: under prior preservation the whole UNet learns the star on its own prompt and
-not in new contexts (README, ``bench/results/toy_subject_probes.md``).
+fidelity, and **drift**: how often 60 full world captions ("a red circle ...") still get their shape
+(``evaluate.prompt_following``'s object accuracy; the base's 0.55), so that a subject drawn for every
+prompt is not read as composition. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps).
+``--prior N`` adds N class images drawn by the base to every step at weight 1: the bench's full world
+captions, "a object ..." naming some of size, corner and background (``--class_captions object``),
+or DreamBooth's bare class prompt "a object" (``plain``); ``--captions`` captions the instance images
+kohya-style. Measured: class captions that name the recontext prompts' backgrounds keep the whole
+UNet from drawing the star in them; the bare class prompt does not (README,
+``bench/results/toy_subject_probes.md``).
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
-from dreampeft.toy.evaluate import _pixels, generate  # noqa: E402
+from dreampeft.toy.evaluate import _pixels, generate, prompt_following  # noqa: E402
 from dreampeft.toy.recipe import write_class_images  # noqa: E402
 from dreampeft.toyworld import ALL_SUBJECTS, instance_caption, render, subject_scenes  # noqa: E402
 from dreampeft.utils import image_grid  # noqa: E402
 
 PARAMS = {"all": "", "attentions": "attentions", "resnets": "resnets|conv_in"}  # name filters
+CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0}}
 # conv_in rides with the resnets: on this CPU build, training convolutions whose input needs no
 # gradient while conv_in is frozen segfaulted (torch 2.13 CPU, oneDNN) — noted, not chased.
 
@@ -49,20 +54,22 @@ def _encoded(pipe, images: list, captions: list[str]) -> tuple[torch.Tensor, tor
 
 
 def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, prior: int = 0,
-              class_dir: Path | None = None, class_noun: str | None = None, captions: bool = False, log=print):
+              class_dir: Path | None = None, class_captions: str = "world", captions: bool = False, seed: int = 0,
+              log=print):
     """Yield (step, images of the instance prompt, recontext images) at each of ``steps``. ``prior``:
-    that many class images from ``class_dir`` (drawn there once by ``recipe.write_class_images``, with
-    ``class_noun`` if given) join every batch at weight 1, as the trainer's prior preservation does.
+    that many class images from ``class_dir`` (drawn there once by ``recipe.write_class_images``, captioned
+    as ``CLASS_CAPTIONS[class_captions]`` says) join every batch at weight 1, as the trainer's prior
+    preservation does.
     ``captions``: each instance image is captioned with what it shows besides the subject
     (``instance_caption``), not "a sks object"."""
     from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the noise, timesteps and class picks of every step
     sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the base's betas: zero terminal SNR
     scenes = subject_scenes(subject, 5)
     batch = _encoded(pipe, [render(s) for s in scenes], [instance_caption(s) if captions else INSTANCE_PROMPT for s in scenes])
     if prior:
-        folder = write_class_images(pipe, class_dir, noun=class_noun)
+        folder = write_class_images(pipe, class_dir, **CLASS_CAPTIONS[class_captions])
         shots = sorted(folder.glob("class-*.png"))
         klass = _encoded(pipe, [Image.open(f) for f in shots], [f.with_suffix(".txt").read_text().strip() for f in shots])
     unet = pipe.unet.train().requires_grad_(False)
@@ -102,24 +109,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default="all", choices=list(PARAMS), help="which UNet parameters train")
     ap.add_argument("--prior", type=int, default=0, help="class images per step (prior preservation; 0: none)")
     ap.add_argument("--class_dir", default=None, help="where the base's class images are drawn once "
-                    "(default toy_ceiling_class[_object])")
-    ap.add_argument("--class_captions", default="world", choices=["world", "object"],
-                    help="class images of full world captions (the bench's) or of 'a object ...' (DreamBooth's)")
+                    "(default toy_ceiling_class[_object|_plain])")
+    ap.add_argument("--class_captions", default="world", choices=list(CLASS_CAPTIONS),
+                    help="class images of full world captions (the bench's), of 'a object ...' naming some "
+                    "attributes, or of the bare 'a object' (DreamBooth's class prompt)")
     ap.add_argument("--captions", action="store_true", help="caption each instance image with its size, "
                     "corner and background (kohya-style), not 'a sks object'")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (one run's figures swing by ±0.2: "
+                    "compare runs over several)")
     ap.add_argument("--grid", default=None, help="save the last step's images here (PNG)")
     args = ap.parse_args(argv)
     steps = sorted(int(s) for s in args.steps.split(","))
-    noun = "object" if args.class_captions == "object" else None
-    class_dir = Path(args.class_dir or "toy_ceiling_class" + (f"_{noun}" if noun else ""))
+    kind = args.class_captions
+    class_dir = Path(args.class_dir or "toy_ceiling_class" + ("" if kind == "world" else f"_{kind}"))
     pipe, judge = _load(args.model)
-    print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt |")
-    print("|---|---:|---:|---:|---:|")
-    along = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_noun=noun,
-                       captions=args.captions, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt | drift: object |")
+    print("|---|---:|---:|---:|---:|---:|")
+    along = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_captions=kind,
+                      captions=args.captions, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
     for step, own, (prompts, drawn) in along:
         a, b = score(judge, own, [INSTANCE_PROMPT] * len(own), args.subject), score(judge, drawn, prompts, args.subject)
-        print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} |", flush=True)
+        world = prompt_following(pipe, judge)["object"]
+        print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} | {world:.3f} |", flush=True)
         if args.grid and step == steps[-1]:
             image_grid([own, drawn[::4]]).save(args.grid)
 

@@ -58,7 +58,8 @@ def test_dash_prefetch_bench_runs_the_trainer_both_ways_to_the_same_adapter(tiny
 
 def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
     """bench/toy_ceiling.py (full fine-tuning, the bound no adapter passes): with --params attentions
-    the resnets do not move and the attention weights do; the CLI prints one judged row per step."""
+    the resnets do not move and the attention weights do; the CLI prints one judged row per step
+    (subject, prompt and drift columns); each kind of class caption names what it says."""
     import importlib.util
 
     import torch
@@ -85,7 +86,8 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in proc.stdout.splitlines() if r.startswith("| | ")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "2"] and grid.exists()
-    assert all(0 <= float(v) <= 1 for r in rows for v in r.strip(" |").split(" | ")[1:])
+    cells = [r.strip(" |").split(" | ")[1:] for r in rows]  # instance, recontext, prompt, drift
+    assert all(len(c) == 4 and all(0 <= float(v) <= 1 for v in c) for c in cells)
     from dreampeft.toy.recipe import CLASS_IMAGES  # --prior draws captioned class images once
     from dreampeft.toyworld import SHAPES, asked
 
@@ -94,3 +96,5 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
         assert len(captions) == CLASS_IMAGES and all(named <= asked(c).keys() for c in captions)
     assert all(c.startswith(("a object", "a small object", "a large object")) and not any(s in c for s in SHAPES)
                for c in captions)  # DreamBooth's class prompt: the instance prompt less "sks"
+    plain = bench.write_class_images(pipe, tmp_path / "class_plain", n=3, **bench.CLASS_CAPTIONS["plain"])
+    assert [f.read_text() for f in sorted(plain.glob("class-*.txt"))] == ["a object\n"] * 3  # nothing else named

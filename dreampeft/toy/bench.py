@@ -68,7 +68,7 @@ def train_subject(model: str, subject_dir: Path, method: str, out: Path, steps: 
         pretrained_model_name_or_path=str(model), instance_data_dir=str(subject_dir),
         instance_prompt=INSTANCE_PROMPT, output_dir=str(out), adapter=method, adapter_options=adapter_options,
         learning_rate=lr or spec.lr, resolution=RESOLUTION[TOY], max_train_steps=steps,
-        seed=seed, export_rank=8, train_text_encoder=True, overwrite_output_dir=True, **{"train_batch_size": 2, **options})
+        seed=seed, export_rank=8, overwrite_output_dir=True, **{"train_batch_size": 2, "train_text_encoder": True, **options})
     t0 = time.perf_counter()
     result = train(cfg)
     later = result.step_seconds[1:] or result.step_seconds  # the first step pays for warm-up

@@ -62,18 +62,22 @@ def recipe_steps(recipe: str, steps: int | None = None) -> int:
     return steps or STEPS.get(recipe, DEFAULT_STEPS)
 
 
-def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0, noun: str | None = None) -> Path:
+def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0, noun: str | None = None,
+                       mention_p: float | None = None) -> Path:
     """``n`` base generations of random world captions that name every attribute, as
     ``class-NNNNN.png`` + ``.txt`` (the trainer reads a caption beside each image). ``noun``: DreamBooth's
     own design instead — the instance prompt without its identifier ("a large object on a green
-    background"; each of size, corner and background named with probability 0.5)."""
+    background"; each of size, corner and background named with probability ``mention_p``, default
+    0.5; 0 gives DreamBooth's bare class prompt, "a object")."""
     from .evaluate import generate
 
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("class-*.png"))) >= n:
         return folder
     rng = random.Random(f"class-{seed}")
-    captions = [sample_scene(rng, mention_p=0.5 if noun else 1.0).caption(noun) for _ in range(n)]
+    if mention_p is None:
+        mention_p = 0.5 if noun else 1.0
+    captions = [sample_scene(rng, mention_p=mention_p).caption(noun) for _ in range(n)]
     for i, (caption, image) in enumerate(zip(captions, generate(pipe, captions, seed=10_000 + seed))):
         (folder / f"class-{i:05d}.txt").write_text(caption + "\n")
         image.save(folder / f"class-{i:05d}.png")
