@@ -129,12 +129,20 @@ def trained_app(tiny_sdxl, eval_models, tmp_path_factory):
 def test_app_trains_validates_and_offers_downloads(trained_app):
     import zipfile
 
-    rows, samples, downloads, fidelity, _, _, kept = trained_app.progress()
+    from PIL import Image
+
+    rows, samples, downloads, curves, pareto, kept = trained_app.progress()
     assert [r[:4] for r in rows] == [[1, "lora", "done", "4/4"], [2, "fourierft", "done", "4/4"]]
     # fidelity at step 0 and at each validation (every 2 steps), for the live curves and the Pareto plot
-    assert fidelity.groupby("run")["step"].apply(list).to_dict() == {"lora (run 1)": [0, 2, 4],
-                                                                     "fourierft (run 2)": [0, 2, 4]}
-    assert fidelity["best"].sum() == 2 and [r[6] for r in rows] == list(fidelity[fidelity["best"]]["step"])
+    runs, chosen = trained_app.evaluations()
+    assert {label: [e["step"] for e in evals] for label, evals in runs.items()} == {"lora (run 1)": [0, 2, 4],
+                                                                                   "fourierft (run 2)": [0, 2, 4]}
+    assert list(chosen) == list(runs) and [r[6] for r in rows] == list(chosen.values())
+    assert all(Path(p).parent == trained_app.public_dir / "plots" and Image.open(p).format == "PNG"
+               for p in (curves, pareto))  # served from public/ only
+    drawn = [Path(curves).stat().st_mtime_ns, Path(pareto).stat().st_mtime_ns]
+    assert trained_app.progress()[3:5] == (curves, pareto)  # the next tick: nothing new, nothing redrawn
+    assert [Path(curves).stat().st_mtime_ns, Path(pareto).stat().st_mtime_ns] == drawn
     assert "lora (run 1) @ step 2" in kept["choices"]
     assert len(samples) == 4  # validation every 2 steps, one image each, two runs
     assert "step 4" in samples[-1][1]

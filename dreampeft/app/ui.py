@@ -6,17 +6,19 @@ browser; ``App.blocks()`` only lays out widgets and wires them to the handlers.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
-import pandas as pd
 
 from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
 from ..dreambooth.config import MAX_RESOLUTION
+from ..dreambooth.plots import fidelity_plot, pareto_plot
 from ..eval import EvalError
 from .forms import (IMAGE_SUFFIXES, RUN, TRISTATE, UploadError, check_uploads, option_specs, options_from_values,
                     run_option_specs, stage_uploads)
@@ -25,7 +27,6 @@ from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_met
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
 JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA", "exported step"]
-FIDELITY_COLUMNS = ["run", "step", "subject", "prompt", "drift", "best"]
 SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
 DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
               "dreambooth_config.json", "export_report.json")
@@ -120,11 +121,10 @@ class App:
 
     def progress(self):
         """Job rows, the newest validation samples, download archives of finished runs, the
-        fidelity evaluations so far (one row per run and step; the plots draw them) and the kept
-        checkpoints Generate can use."""
+        fidelity plots so far (``evaluations``, drawn as PNGs) and the kept checkpoints Generate can use."""
         import gradio as gr
 
-        rows, samples, downloads, fidelity, kept = [], [], [], [], []
+        rows, samples, downloads, kept = [], [], [], []
         for job in self.queue.jobs:
             p = job.progress()
             step = f"{p['step']}/{p['total']}" if p["total"] else "–"
@@ -134,14 +134,40 @@ class App:
             rows.append([job.id, job.method, state, step, loss, eta,
                          "–" if p["exported_step"] is None else p["exported_step"]])
             samples += [(self.public(img), f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
-            label = f"{job.method} (run {job.id})"
-            fidelity += [[label, e["step"], e["subject"], e["prompt"], e["drift"], e["step"] == p["exported_step"]]
-                         for e in p["evals"]]
             if job.state == "done":
                 downloads.append(str(self._archive(job.output_dir)))
-                kept += [f"{label} @ step {e['step']}" for e in p["evals"]]
-        table = pd.DataFrame(fidelity, columns=FIDELITY_COLUMNS)
-        return rows, samples[-8:], downloads, table, table, table, gr.update(choices=kept)
+                kept += [f"{job.method} (run {job.id}) @ step {e['step']}" for e in p["evals"]]
+        curves, pareto = self._plots(*self.evaluations())
+        return rows, samples[-8:], downloads, curves, pareto, gr.update(choices=kept)
+
+    def evaluations(self) -> tuple[dict[str, list[dict]], dict[str, int]]:
+        """Every run's fidelity evaluations so far ("lora (run 1)" → rows with step, subject, prompt,
+        drift, score) and the step each finished run exported."""
+        runs, chosen = {}, {}
+        for job in self.queue.jobs:
+            p = job.progress()
+            label = f"{job.method} (run {job.id})"
+            if p["evals"]:
+                runs[label] = p["evals"]
+            if p["exported_step"] is not None and any(e["step"] == p["exported_step"] for e in p["evals"]):
+                chosen[label] = p["exported_step"]
+        return runs, chosen
+
+    def _plots(self, runs: dict[str, list[dict]], chosen: dict[str, int]) -> tuple[str | None, str | None]:
+        """The curves and the Pareto plot of ``evaluations`` as PNGs under ``public/plots``, drawn
+        again only when an evaluation arrives. Images, not Gradio's live plots: gradio 6.31's
+        LinePlot/ScatterPlot stop redrawing when a second run's rows arrive by the Timer (the
+        curves stayed empty or showed only the first run)."""
+        if not runs:
+            return None, None
+        key = hashlib.sha1(json.dumps([runs, chosen], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        folder = self.public_dir / "plots"
+        curves, pareto = folder / f"fidelity-{key}.png", folder / f"pareto-{key}.png"
+        if not pareto.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            for draw, path in ((fidelity_plot, curves), (pareto_plot, pareto)):
+                draw(runs, path.with_suffix(".tmp.png"), chosen).rename(path)  # whole files only
+        return str(curves), str(pareto)
 
     @property
     def public_dir(self) -> Path:
@@ -225,24 +251,22 @@ class App:
                 train_inputs, train_btn, stop_btn, message = self._training_widgets(gr, model)
             with gr.Tab("2 · Generate and compare"):
                 gen_inputs, gen_btn, gallery, scores, gen_message = self._generation_widgets(gr, model)
-                pareto = gr.ScatterPlot(x="prompt", y="subject", color="run", elem_id="pareto", height=320,
-                                        title="Subject vs prompt fidelity, every evaluation of every run")
+                pareto = gr.Image(label="Subject vs prompt fidelity, every evaluation of every run (★ exported, × base)",
+                                  type="filepath", interactive=False, elem_id="pareto", height=360)
             with gr.Row():
                 jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Runs (one trains at a time; the rest wait)",
                                     interactive=False, elem_id="jobs")
             samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="samples")
-            with gr.Row():  # live: a point per evaluation, the exported step flagged in the table above
-                curve = gr.LinePlot(x="step", y="subject", color="run", title="Subject fidelity along training",
-                                    elem_id="fidelity_plot", height=260)
-                prompt_curve = gr.LinePlot(x="step", y="prompt", color="run", title="Prompt fidelity along training",
-                                           elem_id="prompt_plot", height=260)
+            # live: redrawn as evaluations arrive; the exported step starred, and flagged in the table above
+            curves = gr.Image(label="Fidelity along training", type="filepath", interactive=False,
+                              elem_id="fidelity_plot")
             downloads = gr.File(label="Trained adapters (native + diffusers + model card)",
                                 file_count="multiple", interactive=False, elem_id="downloads")
             train_btn.click(self.train, train_inputs, message)
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
             gr.Timer(1.0).tick(self.progress, None,
-                               [jobs, samples, downloads, curve, prompt_curve, pareto, gen_inputs[-1]])
+                               [jobs, samples, downloads, curves, pareto, gen_inputs[-1]])
             # resolution ×2, learning rates, method options (the trainer options keep what was set)
             preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:len(train_inputs) - len(self.run_specs)]]
             model.change(lambda m: preset_defaults(m) or (gr.skip(),) * len(preset_widgets), model,
