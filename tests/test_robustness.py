@@ -426,9 +426,8 @@ def test_read_events_tolerates_only_a_half_written_last_line(tmp_path):
 
 # -- 3 and 7. the app: a folder per job, only shown files served --------------------------------------
 def test_the_app_gives_every_job_its_own_folder_at_submission(tiny_sdxl, tmp_path):
-    from types import SimpleNamespace
-
     from dreampeft.app import App
+    from dreampeft.app.jobs import Job
     from dreampeft.presets import learning_rates
 
     from .test_app import SUBJECT
@@ -438,7 +437,7 @@ def test_the_app_gives_every_job_its_own_folder_at_submission(tiny_sdxl, tmp_pat
 
         def submit(self, cfg):
             self.jobs.append(cfg)
-            return SimpleNamespace(method=cfg.adapter, id=len(self.jobs))
+            return Job(len(self.jobs), cfg)
 
     app = App(tmp_path / "work", model=str(tiny_sdxl), queue=Recorder())
     values = [s.default for s in app.specs]

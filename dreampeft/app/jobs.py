@@ -39,6 +39,11 @@ class Job:
         return self.cfg.adapter
 
     @property
+    def label(self) -> str:
+        """How the page names the run everywhere: "lora (run 1)"."""
+        return f"{self.method} (run {self.id})"
+
+    @property
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 

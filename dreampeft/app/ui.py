@@ -14,7 +14,6 @@ import time
 import zipfile
 from pathlib import Path
 
-
 from ..adapters import METHODS, ConfigError
 from ..dreambooth import DreamBoothConfig, DreamBoothError
 from ..dreambooth.config import MAX_RESOLUTION
@@ -101,7 +100,7 @@ class App:
             out = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), suffix=f"-{cfg.adapter}", dir=runs))
             cfg.output_dir, cfg.events = str(out), str(out / "events.jsonl")
         jobs = [self.queue.submit(cfg) for cfg in configs]
-        return f"Queued {', '.join(f'{j.method} (run {j.id})' for j in jobs)} on `{model}`."
+        return f"Queued {', '.join(j.label for j in jobs)} on `{model}`."
 
     def _config(self, model: str, data: Path, prompt: str, method: str, steps: int, resolution: int,
                 seed: int, validate_every: int, lr: float, options: dict, run_options: dict) -> DreamBoothConfig:
@@ -124,33 +123,33 @@ class App:
         fidelity plots so far (``evaluations``, drawn as PNGs) and the kept checkpoints Generate can use."""
         import gradio as gr
 
-        rows, samples, downloads, kept = [], [], [], []
+        rows, samples, downloads, kept, progresses = [], [], [], [], []
         for job in self.queue.jobs:
             p = job.progress()
+            progresses.append((job, p))
             step = f"{p['step']}/{p['total']}" if p["total"] else "–"
             loss = f"{p['loss']:.4f}" if p["loss"] is not None else "–"
             eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
             state = p["state"] + (f": {p['error']}" if p["error"] else "")
             rows.append([job.id, job.method, state, step, loss, eta,
                          "–" if p["exported_step"] is None else p["exported_step"]])
-            samples += [(self.public(img), f"{job.method} (run {job.id}) step {at}") for img, at in p["images"]]
+            samples += [(self.public(img), f"{job.label} step {at}") for img, at in p["images"]]
             if job.state == "done":
                 downloads.append(str(self._archive(job.output_dir)))
-                kept += [f"{job.method} (run {job.id}) @ step {e['step']}" for e in p["evals"]]
-        curves, pareto = self._plots(*self.evaluations())
+                kept += [f"{job.label} @ step {e['step']}" for e in p["evals"]]
+        curves, pareto = self._plots(*self.evaluations(progresses))
         return rows, samples[-8:], downloads, curves, pareto, gr.update(choices=kept)
 
-    def evaluations(self) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    def evaluations(self, progresses: list[tuple] | None = None) -> tuple[dict[str, list[dict]], dict[str, int]]:
         """Every run's fidelity evaluations so far ("lora (run 1)" → rows with step, subject, prompt,
-        drift, score) and the step each finished run exported."""
+        drift, score) and the step each finished run exported; from ``progresses`` ((job,
+        job.progress()) pairs) when the caller has just read them."""
         runs, chosen = {}, {}
-        for job in self.queue.jobs:
-            p = job.progress()
-            label = f"{job.method} (run {job.id})"
+        for job, p in progresses if progresses is not None else ((j, j.progress()) for j in self.queue.jobs):
             if p["evals"]:
-                runs[label] = p["evals"]
+                runs[job.label] = p["evals"]
             if p["exported_step"] is not None and any(e["step"] == p["exported_step"] for e in p["evals"]):
-                chosen[label] = p["exported_step"]
+                chosen[job.label] = p["exported_step"]
         return runs, chosen
 
     def _plots(self, runs: dict[str, list[dict]], chosen: dict[str, int]) -> tuple[str | None, str | None]:
@@ -207,7 +206,7 @@ class App:
                 raise ConfigError("write a prompt, e.g. 'a photo of sks object on the beach'")
             check_generation(seed, n, steps, resolution, scale)
             done = [j for j in self.queue.jobs if j.state == "done"]
-            runs = [(f"{j.method} (run {j.id})", j.output_dir) for j in done
+            runs = [(j.label, j.output_dir) for j in done
                     if j.cfg.pretrained_model_name_or_path == path]
             runs += self._kept(done, path, checkpoints or [])
             rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps),
@@ -227,7 +226,7 @@ class App:
     @staticmethod
     def _kept(done: list, model: str, checkpoints: list[str]) -> list[tuple]:
         """(label, run folder, adapter folder) of each chosen "LABEL @ step N" of a finished run."""
-        by_label = {f"{j.method} (run {j.id})": j for j in done if j.cfg.pretrained_model_name_or_path == model}
+        by_label = {j.label: j for j in done if j.cfg.pretrained_model_name_or_path == model}
         picked = []
         for choice in checkpoints:
             label, _, step = choice.rpartition(" @ step ")
