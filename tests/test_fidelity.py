@@ -128,3 +128,20 @@ def test_off_the_toy_with_dino_and_clip(tiny_sdxl, instance_dir, eval_models, tm
                                             ("an sks owl", "sks owl"), ("sks toy", "sks toy")])
 def test_subject_phrase(prompt, subject):
     assert subject_phrase(prompt) == subject
+
+
+@pytest.mark.parametrize("drifts, says", [((0.6, 0.7), "every later evaluation drifted past 0.5"),
+                                          ((0.6, 0.2), "no later evaluation scored higher"),
+                                          ((), "no later evaluation scored higher")])
+def test_a_run_that_exports_step_0_says_why_in_its_reason_and_in_the_app(drifts, says):
+    """Step 0 is the untrained adapter: the run's reason and the app's runs table say so, and why."""
+    from dreampeft.app.ui import exported_note
+    from dreampeft.dreambooth.fidelity import REASONS
+    from dreampeft.dreambooth.finish import _why_base
+
+    rows = [{"step": 0, "drift": 0.0}] + [{"step": 50 * (i + 1), "drift": d} for i, d in enumerate(drifts)]
+    reason = REASONS["balanced"] + _why_base(rows)
+    assert reason.endswith(f"step 0, the base model — {says}")
+    assert exported_note({"exported_step": 0, "exported_reason": reason}) == f"the base model — {says}"
+    assert exported_note({"exported_step": 100, "exported_reason": REASONS["balanced"]}) == ""
+    assert exported_note({"exported_step": None, "exported_reason": ""}) == ""

@@ -62,7 +62,8 @@ class Job:
         """step, total, loss, ETA (s), validation images as (path, step), fidelity evaluations, the
         step the exports hold, and the error, if any."""
         info = {"id": self.id, "method": self.method, "state": self.state, "step": 0, "total": None,
-                "loss": None, "eta_s": None, "images": [], "error": None, "evals": [], "exported_step": None}
+                "loss": None, "eta_s": None, "images": [], "error": None, "evals": [], "exported_step": None,
+                "exported_reason": ""}
         steps = []
         for e in self.events():
             if e["event"] == "start":
@@ -75,6 +76,7 @@ class Job:
                 info["evals"].append(e)
             elif e["event"] == "done":
                 info["exported_step"] = e.get("exported_step")
+                info["exported_reason"] = e.get("exported_reason", "")
             elif e["event"] == "error":
                 info["error"] = e["message"]
         if steps:

@@ -25,7 +25,7 @@ from .jobs import JobQueue
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
-JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA", "exported step"]
+JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA", "exported step", "note"]
 SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
 DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
               "dreambooth_config.json", "export_report.json")
@@ -41,6 +41,14 @@ def preset_defaults(model: str) -> tuple | None:
         options = [method_preset(preset, s.method).options.get(s.name, s.default) for s in option_specs(list(METHODS))]
         return (RESOLUTION[preset],) * 2 + tuple(learning_rates(preset).values()) + tuple(options)
     return None
+
+
+def exported_note(progress: dict) -> str:
+    """The runs table's note: why a finished run exported step 0 (its untrained adapter, so it draws
+    what the base draws), from the trainer's reason; empty otherwise."""
+    if progress["exported_step"] != 0:
+        return ""
+    return progress["exported_reason"].rpartition(": step 0, ")[2] or "the base model"
 
 
 def check_generation(seed, n, steps, resolution, scale) -> None:
@@ -132,7 +140,7 @@ class App:
             eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
             state = p["state"] + (f": {p['error']}" if p["error"] else "")
             rows.append([job.id, job.method, state, step, loss, eta,
-                         "–" if p["exported_step"] is None else p["exported_step"]])
+                         "–" if p["exported_step"] is None else p["exported_step"], exported_note(p)])
             samples += [(self.public(img), f"{job.label} step {at}") for img, at in p["images"]]
             if job.state == "done":
                 downloads.append(str(self._archive(job.output_dir)))

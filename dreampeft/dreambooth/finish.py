@@ -16,7 +16,7 @@ from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card
 from .ema import swapped
-from .fidelity import PLOT_NAME, REASONS
+from .fidelity import DRIFT_LIMIT, PLOT_NAME, REASONS
 from .plots import fidelity_plot
 from .metadata import add_metadata, kohya_metadata
 
@@ -68,12 +68,22 @@ def exported_weights(run) -> tuple[int, str, object]:
     the best evaluation (--keep_best), else the EMA (--use_ema), else the last weights."""
     chosen = run.evaluator.chosen(run.total_steps) if run.evaluator else None
     if chosen is not None:
-        return chosen["step"], REASONS[run.cfg.keep_best], swapped(run.unwrapped(), chosen["tensors"])
+        why = REASONS[run.cfg.keep_best] + (_why_base(run.evaluator.history.rows) if chosen["step"] == 0 else "")
+        return chosen["step"], why, swapped(run.unwrapped(), chosen["tensors"])
     why = REASONS["last"] if run.cfg.keep_best == "last" or not run.evaluator else (
         REASONS[run.cfg.keep_best] + ": the last evaluation")
     if run.ema is not None:
         return run.total_steps, why + f" (EMA {run.cfg.ema_decay})", run.ema.swapped(run.unwrapped())
     return run.total_steps, why, contextlib.nullcontext()
+
+
+def _why_base(rows: list[dict]) -> str:
+    """Why step 0 — the untrained adapter, i.e. the base model — was kept: a user who trained for
+    minutes must not read it as "nothing was learnt" without being told."""
+    later = [r for r in rows if r["step"] > 0]
+    if later and all(r["drift"] > DRIFT_LIMIT for r in later):
+        return f": step 0, the base model — every later evaluation drifted past {DRIFT_LIMIT}"
+    return ": step 0, the base model — no later evaluation scored higher"
 
 
 def final_save(run, images: list[str]) -> dict:
