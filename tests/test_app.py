@@ -143,6 +143,9 @@ def test_app_trains_validates_and_offers_downloads(trained_app):
     drawn = [Path(curves).stat().st_mtime_ns, Path(pareto).stat().st_mtime_ns]
     assert trained_app.progress()[3:5] == (curves, pareto)  # the next tick: nothing new, nothing redrawn
     assert [Path(curves).stat().st_mtime_ns, Path(pareto).stat().st_mtime_ns] == drawn
+    first = {label: evals[:2] for label, evals in runs.items()}  # fewer evaluations: another pair, the old one gone
+    again = trained_app._plots(first, {})
+    assert sorted((trained_app.public_dir / "plots").glob("*.png")) == sorted(map(Path, again)) != sorted([Path(curves), Path(pareto)])
     assert "lora (run 1) @ step 2" in kept["choices"]
     assert len(samples) == 4  # validation every 2 steps, one image each, two runs
     assert "step 4" in samples[-1][1]

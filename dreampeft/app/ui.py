@@ -174,6 +174,9 @@ class App:
             folder.mkdir(parents=True, exist_ok=True)
             for draw, path in ((fidelity_plot, curves), (pareto_plot, pareto)):
                 draw(runs, path.with_suffix(".tmp.png"), chosen).rename(path)  # whole files only
+            for stale in set(folder.glob("*.png")) - {curves, pareto}:  # every page gets the new pair next tick
+                if not stale.name.endswith(".tmp.png"):
+                    stale.unlink(missing_ok=True)
         return str(curves), str(pareto)
 
     @property
