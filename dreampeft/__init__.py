@@ -19,7 +19,7 @@ import torch as _torch
 if _os.environ.get("DREAMPEFT_KEEP_DENORMALS") != "1":
     _torch.set_flush_denormal(True)
 
-from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, UNET_TARGET_SETS, UNET_TRANSFORMER,
+from .adapters import (CLIP_ATTENTION, METHODS, UNET_ATTENTION, UNET_RESNETS, UNET_TARGET_SETS, UNET_TRANSFORMER,
                        AdapterConfig, AdapterLayer, ConfigError, DoRAConfig, FourierFTConfig, LoRAConfig, LoRADashConfig, MoRAConfig,
                        config_from_dict, dash_step, get_method, is_dash_active, launch_dash)
 from .inject import (adapter_layers, adapter_parameters, disable_adapters, find_targets,
@@ -31,7 +31,7 @@ from .pipeline import fuse, load_into_pipeline, set_adapters, set_pipeline_scale
 from .state import AdapterFileError, load_adapter, read_manifest, save_adapter
 
 __all__ = [
-    "__version__", "CLIP_ATTENTION", "METHODS", "UNET_ATTENTION", "UNET_TRANSFORMER", "UNET_TARGET_SETS",
+    "__version__", "CLIP_ATTENTION", "METHODS", "UNET_ATTENTION", "UNET_TRANSFORMER", "UNET_RESNETS", "UNET_TARGET_SETS",
     "AdapterConfig", "AdapterLayer",
     "ConfigError", "LoRAConfig", "LoRADashConfig", "FourierFTConfig", "MoRAConfig", "DoRAConfig", "dash_step",
     "is_dash_active", "launch_dash", "DashCallback", "config_from_dict", "get_method", "adapter_layers",

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -33,17 +34,34 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 @dataclass
 class LayerExport:
     up: torch.Tensor  # (d_out, k)
-    down: torch.Tensor  # (k, d_in)
+    down: torch.Tensor  # (k, d_in); a convolution's d_in is in·kh·kw
     rel_error: float  # ||ΔW - up·down||_F / ||ΔW||_F
     norm: float  # ||ΔW||_F
     magnitude: torch.Tensor | None = None  # DoRA: up·down is the direction update, m rescales rows
+    kernel: tuple[int, ...] = ()  # a convolution's (kh, kw)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) on the CPU in the layer's own shapes: a convolution's are (k, in, kh, kw) and
+        (out, k, 1, 1), a convolution into k channels then a 1×1 back — how PEFT's Conv2d LoRA and
+        kohya's LoCon store them."""
+        down, up = self.down.cpu(), self.up.cpu()
+        if not self.kernel:
+            return down, up
+        return down.reshape(down.shape[0], -1, *self.kernel), up.reshape(*up.shape, *(1,) * len(self.kernel))
 
 
 @torch.no_grad()
 def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | None = None,
                  dora: bool = True) -> LayerExport:
     """LoRA factors of a layer's ΔW (at scale 1): exact where the method is low-rank, DoRA's own
-    factors and magnitude where the format has DoRA (``dora``), else SVD."""
+    factors and magnitude where the format has DoRA (``dora``), else SVD. A convolution's ΔW is
+    factorised as the matrix (out, in·kh·kw)."""
+    export = _matrix_factors(layer, rank, energy, dora)
+    export.kernel = tuple(layer.base_layer.weight.shape[2:])
+    return export
+
+
+def _matrix_factors(layer: AdapterLayer, rank: int | None, energy: float | None, dora: bool) -> LayerExport:
     parts = layer.dora_parts() if dora else None
     if parts is not None:
         up, down, magnitude = parts
@@ -52,7 +70,7 @@ def lora_factors(layer: AdapterLayer, rank: int | None = None, energy: float | N
     if exact is not None:
         up, down = exact
         return LayerExport(up.clone(), down.clone(), 0.0, float((up @ down).norm()))
-    dw = layer.delta_weight().float()
+    dw = layer.delta_weight().float().flatten(1)
     if rank is not None and energy is None and LOWRANK_OVERSAMPLE * rank <= min(dw.shape):
         return _lowrank(dw, rank)
     U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
@@ -120,8 +138,7 @@ def export_diffusers(models: dict, out_dir: str | Path, rank: int | None = None,
             exports = {n: lora_factors(layers[n], rank if rank or energy else 32, energy, dora=False)
                        for n in exports}
         for name, e in exports.items():
-            tensors[f"{comp}.{name}.lora_A.weight"] = e.down.cpu()
-            tensors[f"{comp}.{name}.lora_B.weight"] = e.up.cpu()
+            tensors[f"{comp}.{name}.lora_A.weight"], tensors[f"{comp}.{name}.lora_B.weight"] = e.weights()
             if e.magnitude is not None:  # PEFT's key, which load_lora_weights reads (use_dora)
                 tensors[f"{comp}.{name}.lora_magnitude_vector"] = e.magnitude.cpu()
         dora = any(e.magnitude is not None for e in exports.values())
@@ -156,26 +173,55 @@ KOHYA_WEIGHTS = "pytorch_lora_weights_kohya.safetensors"
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 
-def sgm_name(name: str, layers_per_block: int) -> str:
+class UNetLayout(NamedTuple):
+    """What SGM's block numbering depends on: layers per block, and which up blocks have attention
+    (an SGM output block holds [resnet, attention?, upsampler], so the upsampler's index is 1 or 2)."""
+
+    layers_per_block: int = 2
+    attention_up_blocks: frozenset = frozenset({0, 1})  # SDXL's
+
+
+# diffusers' names inside a resnet → SGM's (ResBlock: in_layers = [norm, act, conv], out_layers =
+# [norm, act, dropout, conv], emb_layers = [act, linear]), as diffusers' kohya converter reads them
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+
+def sgm_name(name: str, layout: UNetLayout) -> str:
     """diffusers UNet module name → the original SGM/LDM name that A1111 and ComfyUI key by."""
-    parts, step = name.split("."), layers_per_block + 1
-    if parts[0] == "down_blocks" and parts[2] == "attentions":
-        return ".".join(["input_blocks", str(int(parts[1]) * step + int(parts[3]) + 1), "1", *parts[4:]])
-    if parts[0] == "up_blocks" and parts[2] == "attentions":
-        return ".".join(["output_blocks", str(int(parts[1]) * step + int(parts[3])), "1", *parts[4:]])
-    if parts[0] == "mid_block" and parts[1] == "attentions":
-        return ".".join(["middle_block", "1", *parts[3:]])
-    raise ValueError(f"{name}: only attention layers of the UNet blocks have an SGM name for kohya export")
+    parts, step = name.split("."), layout.layers_per_block + 1
+    inner = {"attentions": "1", "resnets": "0"}
+
+    def rest(at: int) -> list[str]:  # the path inside the attention or resnet at parts[at - 2]
+        tail = ".".join(parts[at:])
+        return [_SGM_RESNET.get(tail, tail)] if parts[at - 2] == "resnets" else parts[at:]
+
+    if parts[0] == "down_blocks" and parts[2] in inner:
+        return ".".join(["input_blocks", str(int(parts[1]) * step + int(parts[3]) + 1), inner[parts[2]], *rest(4)])
+    if parts[0] == "down_blocks" and parts[2:4] == ["downsamplers", "0"]:
+        return ".".join(["input_blocks", str((int(parts[1]) + 1) * step), "0", "op", *parts[5:]])
+    if parts[0] == "up_blocks" and parts[2] in inner:
+        return ".".join(["output_blocks", str(int(parts[1]) * step + int(parts[3])), inner[parts[2]], *rest(4)])
+    if parts[0] == "up_blocks" and parts[2:4] == ["upsamplers", "0"]:
+        index = "2" if int(parts[1]) in layout.attention_up_blocks else "1"
+        return ".".join(["output_blocks", str(int(parts[1]) * step + step - 1), index, *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] in inner:  # middle_block = [resnet 0, attention, resnet 1]
+        index = "1" if parts[1] == "attentions" else str(2 * int(parts[2]))
+        return ".".join(["middle_block", index, *rest(3)])
+    raise ValueError(f"{name}: only layers inside the UNet's blocks have an SGM name for kohya export")
 
 
-def block_layers(model) -> int:
-    """The UNet's ``layers_per_block`` (SGM block numbering depends on it); text encoders: unused."""
-    return getattr(getattr(model, "config", None), "layers_per_block", 2)
+def unet_layout(model) -> UNetLayout:
+    """The UNet's SGM layout (block numbering); text encoders: unused."""
+    config = getattr(model, "config", None)
+    ups = getattr(model, "up_blocks", None) or []
+    return UNetLayout(getattr(config, "layers_per_block", 2),
+                      frozenset(i for i, b in enumerate(ups) if getattr(b, "attentions", None) is not None))
 
 
-def kohya_key(component: str, name: str, layers_per_block: int) -> str:
+def kohya_key(component: str, name: str, layout: UNetLayout) -> str:
     if component == "unet":
-        name = sgm_name(name, layers_per_block)
+        name = sgm_name(name, layout)
     elif not name.startswith("text_model."):  # transformers 5 dropped the wrapper kohya names keep
         name = "text_model." + name
     return f"{KOHYA_PREFIX[component]}_{name.replace('.', '_')}"
@@ -190,11 +236,10 @@ def export_kohya(models: dict, out_dir: str | Path, rank: int | None = None,
         factors = factorize(models, rank if rank or energy else 32, energy, dora=False)
     tensors = {}
     for comp, exports in factors.items():
-        lpb = block_layers(models[comp])
+        layout = unet_layout(models[comp])
         for name, e in exports.items():
-            key = kohya_key(comp, name, lpb)
-            tensors[f"{key}.lora_down.weight"] = e.down.cpu()
-            tensors[f"{key}.lora_up.weight"] = e.up.cpu()
+            key = kohya_key(comp, name, layout)
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = e.weights()
             tensors[f"{key}.alpha"] = torch.tensor(float(e.down.shape[0]))
     if not tensors:
         raise ValueError("no adapters to export; inject or load adapters first")
@@ -216,9 +261,9 @@ def export_kohya_diff(models: dict, out_dir: str | Path, dtype: torch.dtype = to
     1.9 GB in fp16)."""
     tensors = {}
     for comp, model in models.items():
-        lpb = block_layers(model)
+        layout = unet_layout(model)
         for name, layer in adapter_layers(model).items():
-            tensors[f"{kohya_key(comp, name, lpb)}.diff"] = (layer.scale * layer.delta_weight()).to(dtype).cpu()
+            tensors[f"{kohya_key(comp, name, layout)}.diff"] = (layer.scale * layer.delta_weight()).to(dtype).cpu()
     if not tensors:
         raise ValueError("no adapters to export; inject or load adapters first")
     path = Path(out_dir) / weight_name
@@ -237,9 +282,17 @@ def _raw_lora(layers: dict) -> dict:
 
 
 def _peft_lora(layers: dict) -> tuple[dict, dict]:
-    """Plain LoRA as its raw A, B and alpha: exact, and still trainable in peft."""
+    """Plain LoRA as its raw A, B and alpha: exact, and still trainable in peft. Layers of another
+    rank or scale (3×3 convolutions under ``conv_r``/``conv_alpha``) go to peft's rank and alpha
+    patterns, keyed by their full module names."""
     cfg = next(iter(layers.values())).config
-    return _lora_config(cfg.r, cfg.alpha or cfg.r, cfg.rslora, cfg.dropout), _raw_lora(layers)
+    ranks, alphas = {}, {}
+    for n, layer in layers.items():
+        r = layer.lora_A.shape[0]
+        if (r, layer.scaling) != (cfg.r, cfg.scaling):
+            ranks[n], alphas[n] = r, layer.scaling * (math.sqrt(r) if cfg.rslora else r)
+    config = _lora_config(cfg.r, cfg.alpha or cfg.r, cfg.rslora, cfg.dropout, rank_pattern=ranks, alpha_pattern=alphas)
+    return config, _raw_lora(layers)
 
 
 def _peft_lora_factors(layers: dict) -> tuple[dict, dict]:
@@ -248,8 +301,7 @@ def _peft_lora_factors(layers: dict) -> tuple[dict, dict]:
     rank = next(iter(exports.values())).down.shape[0]
     tensors = {}
     for n, e in exports.items():
-        tensors[f"base_model.model.{n}.lora_A.weight"] = e.down.cpu()
-        tensors[f"base_model.model.{n}.lora_B.weight"] = e.up.cpu()
+        tensors[f"base_model.model.{n}.lora_A.weight"], tensors[f"base_model.model.{n}.lora_B.weight"] = e.weights()
     return _lora_config(rank, rank), tensors
 
 

@@ -4,6 +4,7 @@ checked before any model loads, and every failure is one ``error:`` line with ex
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +48,9 @@ def _check_out(out: Path) -> None:
 
 
 def _check_rank(rank: int | None, manifest: dict) -> None:
-    sides = [min(t["shape"]) for c in manifest["components"].values() for t in c["targets"].values()]
+    # a layer's full rank: min(out, in·kh·kw) (a convolution's ΔW is a matrix over its flattened kernel)
+    sides = [min(t["shape"][0], math.prod(t["shape"][1:])) for c in manifest["components"].values()
+             for t in c["targets"].values()]
     if rank is not None and rank > max(sides):
         raise ValueError(f"--rank {rank} is above every layer's full rank (at most {max(sides)}); "
                          f"use {max(sides)} or less")

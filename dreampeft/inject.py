@@ -1,8 +1,9 @@
-"""Find target Linear layers, wrap them in adapters, and operate on all adapters of a model."""
+"""Find target layers (Linear; Conv2d for LoRA), wrap them in adapters, and operate on all adapters of a model."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterable, Iterator
 
@@ -21,7 +22,9 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
-    """Qualified names of the modules ``config`` targets; raises if none, or if one is not Linear."""
+    """Qualified names of the modules ``config`` targets; raises if none, or if the method cannot
+    adapt one (every method adapts ``nn.Linear``; LoRA ``nn.Conv2d`` too)."""
+    layer_cls = get_method(config.method)
     regex = re.compile(config.target_regex) if config.target_regex else None
     names, wrong_type = [], []
     for name, module in model.named_modules():
@@ -30,15 +33,17 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         hit = _matches(name, config.target_modules) or (regex is not None and regex.fullmatch(name))
         if not hit or _excluded(name, config.exclude_modules):
             continue
-        (names if isinstance(module, nn.Linear) else wrong_type).append((name, type(module).__name__))
+        (names if isinstance(module, layer_cls.base_types) else wrong_type).append((name, type(module).__name__))
+    kinds = " or ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
     if wrong_type:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong_type[:5])
-        raise TypeError(f"targets must be nn.Linear layers, but these match too: {listed}; "
+        conv = " (convolutions take --adapter lora)" if any(t == "Conv2d" for _, t in wrong_type) else ""
+        raise TypeError(f"{config.method} adapts {kinds} layers, but these match too: {listed}{conv}; "
                         f"narrow target_modules/target_regex or add them to exclude_modules")
     if not names:
         patterns = list(config.target_modules) + ([f"re:{config.target_regex}"] if regex else [])
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"no nn.Linear module of {type(model).__name__} matches {patterns}; "
+        raise ValueError(f"no {kinds} module of {type(model).__name__} matches {patterns}; "
                          f"Linear names look like: {sample}")
     return [n for n, _ in names]
 
@@ -50,10 +55,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject_adapters(model: nn.Module, config: AdapterConfig, names: list[str] | None = None) -> list[str]:
-    """Wrap every targeted Linear (or exactly ``names``) in the config's adapter layer.
+    """Wrap every targeted layer (or exactly ``names``) in the config's adapter layer.
 
     Freezes the whole model and leaves only adapter tensors trainable. Returns the qualified
-    names of the wrapped layers, in model order.
+    names of the wrapped layers, in model order. All or nothing: every layer is built before the
+    model changes, so a layer the method refuses leaves the model as it was.
     """
     layer_cls = get_method(config.method)
     if names is None:
@@ -62,16 +68,21 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, names: list[str] | 
     clash = [n for n in names if n in existing]
     if clash:
         raise ValueError(f"{clash[0]} already has an adapter; call remove_adapters(model) first")
-    model.requires_grad_(False)
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"model has no module named {name!r}") from None
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name} is a {type(module).__name__}, not nn.Linear")
-        layer = layer_cls(module, config)
-        layer.train(module.training)  # a new module starts in train mode; take the model's
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    built = {}
+    try:
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"model has no module named {name!r}") from None
+            built[name] = layer_cls(module, config)  # raises if the method cannot adapt this layer
+            built[name].train(module.training)  # a new module starts in train mode; take the model's
+    except Exception:
+        for p, flag in flags:  # each constructor froze its base layer
+            p.requires_grad_(flag)
+        raise
+    for name, layer in built.items():
         _set_submodule(model, name, layer)
     mark_only_adapters_trainable(model)
     return list(names)
@@ -145,7 +156,7 @@ def eval_mode(*models: nn.Module):
 
 @torch.no_grad()
 def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Put the plain Linear layers back, optionally with ΔW merged into them."""
+    """Put the plain layers back, optionally with ΔW merged into them."""
     for name, layer in adapter_layers(model).items():
         if merge:
             layer.merge()
@@ -155,10 +166,18 @@ def remove_adapters(model: nn.Module, merge: bool = False) -> nn.Module:
     return model
 
 
+def _with_weight(base: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A copy of ``base`` (same class and hyper-parameters: a conv keeps its stride and padding)
+    holding ``weight`` and sharing ``base``'s bias; ``base`` itself is untouched."""
+    plain = copy.copy(base)
+    plain._parameters = {**base._parameters, "weight": nn.Parameter(weight, requires_grad=False)}
+    return plain
+
+
 @contextlib.contextmanager
 @torch.no_grad()
 def merged_copies(*models: nn.Module):
-    """Inside the block every adapter layer is replaced by a plain Linear holding a new tensor
+    """Inside the block every adapter layer is replaced by a plain Linear/Conv2d holding a new tensor
     W0 + scale·ΔW (summed in float32, then cast, as ``merge`` does); on exit the adapter layers go
     back untouched. For writing a merged model from the one in memory without changing it (``merge``
     then ``unmerge`` would leave rounding in W0); costs one copy of the adapted weights meanwhile."""
@@ -166,13 +185,10 @@ def merged_copies(*models: nn.Module):
     try:
         for model in models:
             for name, layer in adapter_layers(model).items():
-                base, w = layer.base_layer, layer.base_layer.weight
-                plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+                w = layer.base_layer.weight
                 if layer.enabled and not layer.merged and layer.scale != 0:  # else W0 already is the weight
                     w = (w.float() + layer.scale * layer.delta_weight()).to(w.dtype)
-                plain.weight = nn.Parameter(w, requires_grad=False)
-                plain.bias = base.bias
-                _set_submodule(model, name, plain)
+                _set_submodule(model, name, _with_weight(layer.base_layer, w))
                 swapped.append((model, name, layer))
         yield
     finally:

@@ -55,7 +55,7 @@ def build_manifest(components: dict[str, nn.Module]) -> dict:
             cfg = layer.config.to_dict()
             if cfg not in configs:
                 configs.append(cfg)
-            targets[name] = {"shape": [layer.out_features, layer.in_features],
+            targets[name] = {"shape": list(layer.base_layer.weight.shape),  # (out, in[, kh, kw])
                              "config": configs.index(cfg)}
         if not targets:
             raise ValueError(f"component {comp!r} has no adapters to save; call inject_adapters first")
@@ -142,7 +142,7 @@ def _check_manifest(manifest, source: Path) -> None:
             bad(f"component {comp!r} lacks configs or targets")
         for name, info in entry["targets"].items():
             shape, index = (info.get("shape"), info.get("config")) if isinstance(info, dict) else (None, None)
-            if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)
+            if not (isinstance(shape, list) and len(shape) in (2, 4) and all(isinstance(d, int) and d > 0 for d in shape)
                     and isinstance(index, int) and 0 <= index < len(entry["configs"])):
                 bad(f"target {comp}/{name} has no valid shape and config index")
 
@@ -197,12 +197,13 @@ def check_fits(comp: str, model: nn.Module, entry: dict, source: Path, existing_
         except AttributeError:
             problems.append(f"no module {name}")
             continue
-        base = getattr(module, "base_layer", module)  # an adapter layer or blend wraps the Linear
-        if not isinstance(base, nn.Linear):
-            problems.append(f"{name} is {type(base).__name__}, not Linear")
-        elif [base.out_features, base.in_features] != info["shape"]:
-            problems.append(f"{name} is {base.out_features}x{base.in_features}, file has "
-                            f"{info['shape'][0]}x{info['shape'][1]}")
+        base = getattr(module, "base_layer", module)  # an adapter layer or blend wraps the layer
+        kind = nn.Linear if len(info["shape"]) == 2 else nn.Conv2d
+        if not isinstance(base, kind):
+            problems.append(f"{name} is {type(base).__name__}, not {kind.__name__}")
+        elif list(base.weight.shape) != info["shape"]:
+            problems.append(f"{name} is {'x'.join(map(str, base.weight.shape))}, file has "
+                            f"{'x'.join(map(str, info['shape']))}")
     if existing and set(existing) != set(entry["targets"]):
         problems.append(f"model already has adapters on {len(existing)} other layers")
     if problems:

@@ -52,13 +52,14 @@ def build(model: str) -> nn.Module:
     if model == "mlp":
         return MLP()
     pipe = _tiny_pipe()
-    part = {"unet": pipe.unet, "clip": pipe.text_encoder, "clip2": pipe.text_encoder_2}[model]
+    part = {"unet": pipe.unet, "clip": pipe.text_encoder, "clip2": pipe.text_encoder_2}[model.split("-")[0]]
     return copy.deepcopy(part).eval()
 
 
 MODEL_TARGETS = {
     "mlp": ["up", "down"],
     "unet": list(dp.UNET_ATTENTION),
+    "unet-resnets": list(dp.UNET_TRANSFORMER + dp.UNET_RESNETS),  # kohya's LoCon: convolutions too
     "clip": list(dp.CLIP_ATTENTION),
     "clip2": list(dp.CLIP_ATTENTION),
 }
@@ -69,7 +70,7 @@ def example_input(model: str, seed: int = 1, dtype: torch.dtype = torch.float32)
     f = functools.partial(torch.randn, generator=g, dtype=dtype)
     if model == "mlp":
         return {"x": f(5, 24)}
-    if model == "unet":
+    if model.startswith("unet"):
         return {
             "sample": f(2, 4, 8, 8),
             "timestep": torch.tensor([10, 500]),
@@ -85,7 +86,18 @@ def run(model_name: str, model: nn.Module, seed: int = 1) -> torch.Tensor:
     if model_name == "mlp":
         return model(inputs["x"])
     out = model(**inputs)
-    return out.sample if model_name == "unet" else out[0]
+    return out.sample if model_name.startswith("unet") else out[0]
+
+
+def adapts_convs(method: str) -> bool:
+    return nn.Conv2d in dp.get_method(method.split("-")[0]).base_types
+
+
+def layer_input(layer, seed: int = 0) -> torch.Tensor:
+    """A batch for one adapter layer: tokens for a Linear, a feature map for a convolution."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, layer.in_features, 6, 6) if layer.is_conv else (3, 5, layer.in_features)
+    return torch.randn(shape, generator=g)
 
 
 @torch.no_grad()

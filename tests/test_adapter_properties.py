@@ -10,10 +10,11 @@ import torch
 import dreampeft as dp
 from dreampeft.adapters import reference_forward
 
-from .cases import METHOD_CASES, MODEL_TARGETS, build, example_input, randomize_adapters, run
+from .cases import METHOD_CASES, MODEL_TARGETS, adapts_convs, build, example_input, layer_input, randomize_adapters, run
 
 MODELS = ["mlp", "unet", "clip"]
-CASES = list(itertools.product(MODELS, sorted(METHOD_CASES)))
+CASES = list(itertools.product(MODELS, sorted(METHOD_CASES))) + [  # + the resnets' convolutions
+    ("unet-resnets", m) for m in sorted(METHOD_CASES) if adapts_convs(m)]
 
 
 def adapted(model_name, method, randomize=True, seed=0):
@@ -26,6 +27,15 @@ def adapted(model_name, method, randomize=True, seed=0):
 
 def test_every_method_has_a_case():
     assert {case.split("-")[0] for case in METHOD_CASES} == set(dp.METHODS)
+    assert any(model == "unet-resnets" for model, _ in CASES)  # LoRA adapts convolutions
+
+
+@pytest.mark.parametrize("method", sorted(m for m in dp.METHODS if not adapts_convs(m)))
+def test_methods_without_a_conv_form_refuse_convolutions_by_name(method):
+    model = build("unet")
+    with pytest.raises(TypeError, match=rf"{method} adapts nn.Linear layers, .*conv1 \(Conv2d\).*--adapter lora"):
+        dp.inject_adapters(model, METHOD_CASES[method](MODEL_TARGETS["unet-resnets"]))
+    assert not dp.adapter_layers(model)  # refused before any layer was wrapped
 
 
 @pytest.mark.parametrize("model_name,method", CASES)
@@ -43,7 +53,7 @@ def test_forward_equals_base_plus_delta(model_name, method):
     layers = dp.adapter_layers(model)
     assert list(layers) == names
     for name, layer in list(layers.items())[:6]:
-        x = torch.randn(3, 5, layer.in_features)
+        x = layer_input(layer)
         assert layer.delta_weight().dtype == torch.float32
         assert layer.delta_weight().abs().max() > 0, f"{name}: randomized adapter has ΔW = 0"
         torch.testing.assert_close(layer(x), reference_forward(layer, x), rtol=1e-5, atol=1e-5)
@@ -103,10 +113,11 @@ def test_save_load_roundtrip(model_name, method, tmp_path):
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if ".base_layer." in n)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_CASES))
-def test_bf16_base_weights(method):
-    model, _ = adapted("unet", method)
-    ref = run("unet", model)
+@pytest.mark.parametrize("model_name, method", [("unet", m) for m in sorted(METHOD_CASES)] + [
+    (model, m) for model, m in CASES if model == "unet-resnets"])
+def test_bf16_base_weights(model_name, method):
+    model, _ = adapted(model_name, method)
+    ref = run(model_name, model)
     model.to(torch.bfloat16)
     for layer in dp.adapter_layers(model).values():  # adapters stay trainable in float32
         for n, p in layer.named_parameters():

@@ -231,7 +231,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("corrupt", r"broken.png: cannot read this image"),
     ("no_model", "--pretrained_model_name_or_path .*: does not exist"),
     ("bad_adapter", r"argument --adapter: invalid choice: 'vera'"),
-    ("no_match", r"--unet_target_modules: no nn.Linear module .* matches \['to_qq'\]"),
+    ("no_match", r"--unet_target_modules: no nn.Linear or nn.Conv2d module .* matches \['to_qq'\]"),
     ("wrong_method_flag", "--n_frequency applies to --adapter fourierft, not lora"),
     ("class_without_prior", "only apply with --with_prior_preservation"),
     ("fp16_on_cpu", "fp16 needs a CUDA GPU"),

@@ -32,11 +32,11 @@ def _pipe(path):
     return pipe
 
 
-def _adapted(path, method, unet_targets=dp.UNET_ATTENTION):
+def _adapted(path, method, unet_targets=dp.UNET_ATTENTION, **options):
     pipe = _pipe(path)
     for i, comp in enumerate(COMPONENTS):
         targets = unet_targets if comp == "unet" else dp.CLIP_ATTENTION
-        dp.inject_adapters(getattr(pipe, comp), CONFIGS[method].replace(target_modules=list(targets)))
+        dp.inject_adapters(getattr(pipe, comp), CONFIGS[method].replace(target_modules=list(targets), **options))
         randomize_adapters(getattr(pipe, comp), seed=i)
     return pipe
 
@@ -48,7 +48,8 @@ def _text_out(pipe, comp):
 
 
 @pytest.mark.parametrize("method, targets", [("lora", "attention"), ("lora_dash", "attention"),
-                                             ("lora", "transformer")])  # + feed-forward, proj_in/out
+                                             ("lora", "transformer"),  # + feed-forward, proj_in/out
+                                             ("lora", "resnets")])  # LoCon: 3×3 and 1×1 convs, time_emb_proj
 def test_exact_methods_load_identically_in_diffusers(method, targets, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method, dp.UNET_TARGET_SETS[targets])
     report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
@@ -60,8 +61,15 @@ def test_exact_methods_load_identically_in_diffusers(method, targets, tiny_sdxl,
         torch.testing.assert_close(_text_out(theirs, comp), _text_out(ours, comp), rtol=1e-5, atol=1e-6)
     with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
         keys, meta = set(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
-    assert any(k.startswith("unet.down_blocks.") and k.endswith(".to_q.lora_A.weight") for k in keys)
+    assert any(k.startswith("unet.down_blocks.") and k.endswith(".to_q.lora_A.weight") for k in keys) \
+        == (targets != "resnets")
     assert any(k.endswith(".ff.net.2.lora_B.weight") for k in keys) == (targets == "transformer")
+    conv = [k for k in keys if k.endswith(".resnets.0.conv1.lora_A.weight")]
+    assert bool(conv) == (targets == "resnets")
+    if conv:  # PEFT's Conv2d LoRA shapes: A a 3×3 conv into r channels, B a 1×1 conv back
+        with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
+            assert f.get_slice(conv[0]).get_shape()[0] == 3 and f.get_slice(conv[0]).get_shape()[2:] == [3, 3]
+            assert f.get_slice(conv[0].replace("lora_A", "lora_B")).get_shape()[1:] == [3, 1, 1]
     # keys follow the module names (transformers 5's CLIP has no text_model wrapper), as peft's do
     te_keys = {k for k in keys if k.startswith("text_encoder.") and "layers.0.self_attn.q_proj.lora_B" in k}
     assert len(te_keys) == 1
@@ -176,7 +184,8 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
 
 @pytest.mark.parametrize("method, size, targets", [  # layers_per_block 1 and 2 (SDXL's)
     ("lora", "tiny", "attention"), ("lora", "medium", "attention"), ("lora_dash", "tiny", "attention"),
-    ("lora_dash", "medium", "attention"), ("lora", "medium", "transformer")])  # kohya's default targets
+    ("lora_dash", "medium", "attention"), ("lora", "medium", "transformer"),  # kohya's default targets
+    ("lora", "tiny", "resnets"), ("lora", "medium", "resnets")])  # kohya's LoCon (conv_dim) layers
 def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny_sdxl, medium_sdxl, tmp_path):
     from dreampeft.export import export_kohya
 
@@ -185,9 +194,16 @@ def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny
     weights = export_kohya({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
     with safe_open(weights, "pt") as f:
         keys = set(f.keys())
-    assert any(k.startswith("lora_unet_input_blocks_") and k.endswith("_attn1_to_q.lora_down.weight") for k in keys)
-    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    attention = targets != "resnets"
+    assert any(k.startswith("lora_unet_input_blocks_") and k.endswith("_attn1_to_q.lora_down.weight") for k in keys) \
+        == attention
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys) == attention
     assert any(k.endswith("_1_proj_in.lora_down.weight") for k in keys) == (targets == "transformer")
+    if not attention:  # SGM's resnet and sampler names, as A1111 and ComfyUI key LoCon files
+        lpb = 1 if size == "tiny" else 2
+        for key in ("input_blocks_1_0_in_layers_2", "input_blocks_1_0_emb_layers_1", f"input_blocks_{lpb + 1}_0_op",
+                    "middle_block_2_out_layers_3", "output_blocks_0_0_skip_connection", f"output_blocks_{lpb}_2_conv"):
+            assert f"lora_unet_{key}.lora_down.weight" in keys, key
     assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha") for k in keys)
     assert any(k.startswith("lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up") for k in keys)
     theirs = _pipe(path)
@@ -253,7 +269,7 @@ def test_randomised_low_rank_export_is_near_optimal_and_reports_its_exact_error(
 def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl, tmp_path):
     """``.diff`` keys under the kohya LoRA file's own names (the ones diffusers' SGM converter reads
     in the test above); adding each to its weight, as ComfyUI's loader does, gives the adapted model."""
-    from dreampeft.export import block_layers, export_kohya, export_kohya_diff, kohya_key
+    from dreampeft.export import export_kohya, export_kohya_diff, kohya_key, unet_layout
     from safetensors.torch import load_file
 
     ours = _adapted(medium_sdxl, method)
@@ -267,7 +283,7 @@ def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl
             model = getattr(theirs, comp)
             for name in dp.inject.adapter_layers(models[comp]):
                 weight = model.get_submodule(name).weight
-                weight += diff.pop(f"{kohya_key(comp, name, block_layers(model))}.diff")
+                weight += diff.pop(f"{kohya_key(comp, name, unet_layout(model))}.diff")
     assert not diff  # every key found its layer
     torch.testing.assert_close(unet_output(theirs), unet_output(ours), rtol=1e-5, atol=1e-5)
     for comp in ("text_encoder", "text_encoder_2"):
@@ -275,3 +291,46 @@ def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl
     (tmp_path / "fp16").mkdir()
     half = load_file(export_kohya_diff(models, tmp_path / "fp16"))
     assert all(t.dtype == torch.float16 for t in half.values())  # the default: what A1111/ComfyUI run in
+
+
+def test_locon_with_its_own_conv_rank_loads_exactly_in_every_format(tiny_sdxl, tmp_path):
+    """kohya's LoCon: LoRA on the transformer blocks and on the resnets, the 3×3 convolutions at
+    their own rank and alpha (conv_dim/conv_alpha). Every format carries both ranks and scales:
+    diffusers' loader (rank_pattern), its kohya converter, peft (rank/alpha patterns), the merged
+    pipeline and the native file."""
+    from dreampeft.export import export_kohya, export_peft
+
+    peft = pytest.importorskip("peft")
+    targets = dp.UNET_TRANSFORMER + dp.UNET_RESNETS
+    ours = _adapted(tiny_sdxl, "lora", targets, conv_r=5, conv_alpha=2.5)
+    conv = ours.unet.down_blocks[0].resnets[0].conv1
+    shortcut = ours.unet.up_blocks[0].resnets[0].conv_shortcut
+    assert conv.lora_A.shape == (5, 32, 3, 3) and conv.scaling == 0.5  # conv_alpha / conv_r
+    assert shortcut.lora_A.shape[0] == 3 and shortcut.lora_A.shape[2:] == (1, 1)  # 1×1: --rank and
+    assert shortcut.scaling == 2.0  # alpha / r, as the linear layers (kohya's rule)
+    models = {c: getattr(ours, c) for c in COMPONENTS}
+    expected = unet_output(ours)
+
+    report = export_diffusers(models, tmp_path / "d")["components"]["unet"]
+    assert report["exact"] and report["ranks"] == [3, 5]
+    theirs = _pipe(tiny_sdxl)
+    theirs.load_lora_weights(tmp_path / "d")
+    torch.testing.assert_close(unet_output(theirs), expected, rtol=1e-5, atol=1e-6)
+
+    kohya = _pipe(tiny_sdxl)
+    kohya.load_lora_weights(tmp_path, weight_name=export_kohya(models, tmp_path).name)
+    torch.testing.assert_close(unet_output(kohya), expected, rtol=1e-5, atol=1e-6)
+
+    export_peft({"unet": ours.unet}, tmp_path / "p")
+    fresh = _pipe(tiny_sdxl)
+    fresh.unet = peft.PeftModel.from_pretrained(fresh.unet, tmp_path / "p" / "unet").base_model.model
+    torch.testing.assert_close(unet_output(fresh), expected, rtol=1e-5, atol=1e-6)
+
+    dp.save_adapter(models, tmp_path / "run", extra_metadata={"base_model": str(tiny_sdxl)})
+    native = _pipe(tiny_sdxl)
+    dp.load_adapter({c: getattr(native, c) for c in COMPONENTS}, tmp_path / "run")
+    assert torch.equal(unet_output(native), expected)
+    from dreampeft.export import main
+
+    assert main([str(tmp_path / "run"), "--to", "merged", "--out", str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(unet_output(_pipe(tmp_path / "merged")), expected, rtol=1e-4, atol=1e-5)

@@ -43,11 +43,16 @@ def test_regex_and_exclusions():
 
 
 def test_injection_errors_name_the_patterns():
-    with pytest.raises(ValueError, match=r"no nn.Linear module of MLP matches \['to_q'\]"):
+    with pytest.raises(ValueError, match=r"no nn.Linear or nn.Conv2d module of MLP matches \['to_q'\]"):
         dp.inject_adapters(MLP(), dp.LoRAConfig(target_modules=["to_q"]))
-    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(1, 1, 1))
-    with pytest.raises(TypeError, match=r"1 \(Conv2d\)"):
-        dp.inject_adapters(model, dp.LoRAConfig(target_modules=["0", "1"]))
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 3), nn.Embedding(4, 4), nn.Conv2d(2, 2, 3, groups=2))
+    with pytest.raises(TypeError, match=r"lora adapts nn.Linear or nn.Conv2d layers, but these match too: 2 \(Embedding\)"):
+        dp.inject_adapters(model, dp.LoRAConfig(target_modules=["0", "2"]))
+    with pytest.raises(TypeError, match=r"mora adapts nn.Linear layers, .*1 \(Conv2d\) \(convolutions take --adapter lora\)"):
+        dp.inject_adapters(model, dp.MoRAConfig(target_modules=["0", "1"]))
+    with pytest.raises(TypeError, match=r"plain convolutions \(groups=1, zero padding\); this one has groups=2"):
+        dp.inject_adapters(model, dp.LoRAConfig(target_modules=["0", "3"]))
+    assert not dp.adapter_layers(model)  # all or nothing: layer 0 was not wrapped either
     m = MLP()
     dp.inject_adapters(m, dp.LoRAConfig(target_modules=["up"]))
     with pytest.raises(ValueError, match="already has an adapter"):

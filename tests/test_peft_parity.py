@@ -10,17 +10,29 @@ import dreampeft as dp
 from .cases import build, example_input
 
 
-@pytest.mark.parametrize("rslora", [False, True])
+KERNEL_3X3 = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+
+
+@pytest.mark.parametrize("rslora, locon", [(False, False), (True, False), (False, True), (True, True)])
 @torch.no_grad()
-def test_lora_matches_peft(rslora):
+def test_lora_matches_peft(rslora, locon):
+    """Attention layers, or kohya's LoCon set (transformer blocks and resnets) with the 3×3
+    convolutions at their own rank and alpha — peft's Conv2d LoRA with a rank/alpha pattern."""
     peft = pytest.importorskip("peft")
     ours, theirs = build("unet"), build("unet")
-    dp.inject_adapters(ours, dp.LoRAConfig(r=4, alpha=8, rslora=rslora))
+    targets = list(dp.UNET_TRANSFORMER + dp.UNET_RESNETS) if locon else list(dp.UNET_ATTENTION)
+    # scales that are powers of two either way (8/16, 8/√16): ours scales the r-wide intermediate,
+    # peft the output, and only an exact scale makes the order immaterial to the last bit
+    conv = {"conv_r": 16, "conv_alpha": 8.0} if locon else {}
+    dp.inject_adapters(ours, dp.LoRAConfig(r=4, alpha=8, rslora=rslora, target_modules=targets, **conv))
+    patterns = {k: 16 for k in KERNEL_3X3} if locon else {}
     theirs = peft.inject_adapter_in_model(
-        peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=list(dp.UNET_ATTENTION)),
-        theirs)
+        peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=targets, rank_pattern=patterns,
+                        alpha_pattern={k: 8.0 for k in patterns}), theirs)
     g = torch.Generator().manual_seed(0)
-    for name, layer in dp.adapter_layers(ours).items():
+    layers = dp.adapter_layers(ours)
+    assert any(layer.is_conv for layer in layers.values()) == locon
+    for name, layer in layers.items():
         layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
         layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
         other = theirs.get_submodule(name)

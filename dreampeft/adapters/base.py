@@ -1,11 +1,14 @@
-"""The adapter contract: one base class wraps a frozen ``nn.Linear``; methods add ΔW.
+"""The adapter contract: one base class wraps a frozen ``nn.Linear`` (or, for methods that say so,
+an ``nn.Conv2d``); methods add ΔW.
 
 A method implements two things:
   * ``delta_weight()``: the dense update ΔW (float32, shape of the base weight);
   * ``adapter_forward(x)``: ``x @ ΔW^T`` computed the cheap way (never through a dense ΔW
     unless that *is* the cheap way).
 Everything else (merge, unmerge, disable, the user scale, what is saved) is derived here once,
-so every method behaves the same and the property tests run over all of them.
+so every method behaves the same and the property tests run over all of them. On a convolution
+ΔW has the kernel's shape (out, in, kh, kw) and ``adapter_forward`` is a convolution with the base
+layer's stride, padding and dilation (kohya's LoCon; PEFT's Conv2d LoRA).
 """
 
 from __future__ import annotations
@@ -53,11 +56,11 @@ class AdapterLayer(nn.Module):
     config_cls: ClassVar[type[AdapterConfig]]
     default_lr: ClassVar[float] = 1e-4  # suggested learning rate when no preset names one
     peft_writer: ClassVar[str | None] = None  # its writer in export.PEFT_WRITERS, if PEFT has the method
+    base_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)  # the layers the method adapts
 
-    def __init__(self, base_layer: nn.Linear, config: AdapterConfig):
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, config: AdapterConfig):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"adapters wrap nn.Linear layers, got {type(base_layer).__name__}")
+        check_base(type(self), base_layer)
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}")
         self.base_layer = base_layer
@@ -77,12 +80,16 @@ class AdapterLayer(nn.Module):
 
     # -- derived behaviour -----------------------------------------------------------------
     @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
+    def is_conv(self) -> bool:
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    @property
+    def in_features(self) -> int:  # a convolution's input channels
+        return self.base_layer.in_channels if self.is_conv else self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.out_channels if self.is_conv else self.base_layer.out_features
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects attn.to_q.weight keeps working
@@ -160,8 +167,24 @@ class AdapterLayer(nn.Module):
         return f"method={self.config.method}, in={self.in_features}, out={self.out_features}"
 
 
+def check_base(layer_cls: type[AdapterLayer], base_layer: nn.Module) -> None:
+    """Raise unless ``layer_cls`` adapts this kind of layer (a plain convolution, for conv methods)."""
+    method = layer_cls.config_cls.method
+    if not isinstance(base_layer, layer_cls.base_types):
+        kinds = " and ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
+        hint = "; convolutions (the resnets target set) take --adapter lora" if isinstance(base_layer, nn.Conv2d) else ""
+        raise TypeError(f"{method} adapts {kinds} layers, not {type(base_layer).__name__}{hint}")
+    if isinstance(base_layer, nn.Conv2d) and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
+        raise TypeError(f"{method} adapts plain convolutions (groups=1, zero padding); this one has "
+                        f"groups={base_layer.groups}, padding_mode={base_layer.padding_mode!r}")
+
+
 def reference_forward(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
-    """Reference output ``base(x) + x @ ΔW^T`` in float32 (used by tests and benchmarks)."""
-    w = layer.base_layer.weight.float() + layer.scale * layer.delta_weight()
-    b = None if layer.base_layer.bias is None else layer.base_layer.bias.float()
+    """Reference output ``base(x) + x @ ΔW^T`` (a convolution with W0 + ΔW, for a Conv2d base) in
+    float32 (used by tests and benchmarks)."""
+    base = layer.base_layer
+    w = base.weight.float() + layer.scale * layer.delta_weight()
+    b = None if base.bias is None else base.bias.float()
+    if layer.is_conv:
+        return F.conv2d(x.float(), w, b, base.stride, base.padding, base.dilation)
     return F.linear(x.float(), w, b)

@@ -21,7 +21,11 @@ CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 # in and out of each block — kohya sd-scripts' default LoRA targets (all of Transformer2DModel's
 # linears). On the toy a new shape needs them: attention alone cannot learn the star (README).
 UNET_TRANSFORMER = UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
-UNET_TARGET_SETS = {"attention": UNET_ATTENTION, "transformer": UNET_TRANSFORMER}
+# Every layer of the resnets and of the down/upsamplers — what kohya's conv LoRA ("LoCon", its
+# conv_dim) adds to the transformer set: the 3×3 convolutions, the 1×1 shortcuts and each resnet's
+# time-embedding projection. Only LoRA adapts convolutions.
+UNET_RESNETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+UNET_TARGET_SETS = {"attention": UNET_ATTENTION, "transformer": UNET_TRANSFORMER, "resnets": UNET_RESNETS}
 
 
 def expand_target_sets(targets: list[str]) -> list[str]:

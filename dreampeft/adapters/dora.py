@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, register_method
-from .lora import LoRAConfig, LoRAMixin
+from .lora import LoRAMixin, LowRankConfig
 
 
 @dataclass
-class DoRAConfig(LoRAConfig):
+class DoRAConfig(LowRankConfig):
     method = "dora"
 
 

@@ -26,14 +26,14 @@ from torch import nn
 
 from .base import AdapterLayer, register_method
 from .config import option, require
-from .lora import LoRAConfig, LoRAMixin
+from .lora import LoRAMixin, LowRankConfig
 from .svd_cache import frozen_svd
 
 EPS = 1e-8
 
 
 @dataclass
-class LoRADashConfig(LoRAConfig):
+class LoRADashConfig(LowRankConfig):
     method = "lora_dash"
 
     warmup_steps: int = option(100, "optimizer steps of plain LoRA before the launch",

@@ -38,9 +38,10 @@ class DreamBoothConfig:
     # -- adapter
     adapter: str = option("lora", "adapter method", choices=lambda: list(METHODS))  # the registry's
     adapter_options: dict = option({}, "method options (set by their own flags, e.g. --rank)")
-    unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt, or a "
-                                            "named set: attention (the default), transformer (every linear "
-                                            "of the transformer blocks, as kohya's LoRA)")
+    unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt, or "
+                                            "named sets: attention (the default), transformer (every linear "
+                                            "of the transformer blocks, as kohya's LoRA), resnets (the "
+                                            "resnets' and samplers' convolutions, kohya's LoCon; LoRA only)")
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
     text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
