@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterConfig, AdapterLayer, get_method
+from .adapters.base import conv_methods
 
 
 def _matches(name: str, suffixes: Iterable[str]) -> bool:
@@ -37,7 +38,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     kinds = " or ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
     if wrong_type:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong_type[:5])
-        conv = " (convolutions take --adapter lora)" if any(t == "Conv2d" for _, t in wrong_type) else ""
+        conv = (f" (convolutions take --adapter {' or '.join(conv_methods())})"
+                if any(t == "Conv2d" for _, t in wrong_type) else "")
         raise TypeError(f"{config.method} adapts {kinds} layers, but these match too: {listed}{conv}; "
                         f"narrow target_modules/target_regex or add them to exclude_modules")
     if not names:

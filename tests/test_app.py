@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreampeft.adapters import METHODS, AdapterConfig
+from dreampeft.adapters import METHODS, AdapterConfig, ConfigError
 from dreampeft.app import App, JobQueue, UploadError, check_uploads, option_specs, studio
 from dreampeft.app.forms import options_from_values
 from dreampeft.dreambooth import DreamBoothConfig
@@ -67,6 +67,23 @@ def test_every_method_option_has_a_control_and_round_trips():
     for method in METHODS:  # every form produces a config the trainer accepts
         DreamBoothConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p",
                          adapter=method, adapter_options=options_from_values(specs, values, method))
+
+
+def test_unet_layers_choice_reaches_the_trainer_and_locon_is_lora_only():
+    """The app's UNet-layers control: kohya's LoCon set becomes the trainer's target list; a method
+    that cannot adapt convolutions is refused while the config is built, before anything is queued."""
+    from dreampeft.app.forms import RUN, UNET_LAYERS, run_option_specs
+
+    specs = run_option_specs()
+    assert next(s for s in specs if s.name == "unet_target_modules").choices == UNET_LAYERS
+    values = [{"unet_target_modules": "transformer,resnets"}.get(s.name, s.default) for s in specs]
+    options = options_from_values(specs, values, RUN)
+    assert options["unet_target_modules"] == ["transformer", "resnets"]
+    common = dict(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p", **options)
+    targets = DreamBoothConfig(adapter="lora", **common).unet_target_modules
+    assert {"to_q", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj", "upsamplers.0.conv"} <= set(targets)
+    with pytest.raises(ConfigError, match="names convolutions .* which only --adapter lora or lora_dash adapt"):
+        DreamBoothConfig(adapter="mora", **common)
 
 
 def _cfg(model, out, method="lora", steps=3, **kw):

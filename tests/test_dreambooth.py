@@ -233,6 +233,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("bad_adapter", r"argument --adapter: invalid choice: 'vera'"),
     ("no_match", r"--unet_target_modules: no nn.Linear or nn.Conv2d module .* matches \['to_qq'\]"),
     ("wrong_method_flag", "--n_frequency applies to --adapter fourierft, not lora"),
+    ("conv_for_mora", r"names convolutions \(conv1, conv2, conv_shortcut\), which only --adapter lora or lora_dash adapt"),
     ("class_without_prior", "only apply with --with_prior_preservation"),
     ("fp16_on_cpu", "fp16 needs a CUDA GPU"),
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),
@@ -276,6 +277,7 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
         (masks / "img2.png").write_bytes(b"not a png") if case == "mask_unreadable" else None
         extra = ["--masked_loss", "--mask_dir", str(masks)]
     extra = {"bad_adapter": ["--adapter", "vera"], "no_match": ["--unet_target_modules", "to_qq"],
+             "conv_for_mora": ["--adapter", "mora", "--unet_target_modules", "transformer,resnets"],
              "wrong_method_flag": ["--n_frequency", "10"], "class_without_prior": ["--class_prompt", "a toy"],
              "fp16_on_cpu": ["--mixed_precision", "fp16"],
              "bad_resume": ["--resume_from_checkpoint", str(tmp_path)],

@@ -49,7 +49,7 @@ def _text_out(pipe, comp):
 
 @pytest.mark.parametrize("method, targets", [("lora", "attention"), ("lora_dash", "attention"),
                                              ("lora", "transformer"),  # + feed-forward, proj_in/out
-                                             ("lora", "resnets")])  # LoCon: 3×3 and 1×1 convs, time_emb_proj
+                                             ("lora", "resnets"), ("lora_dash", "resnets")])  # LoCon: convs, time_emb_proj
 def test_exact_methods_load_identically_in_diffusers(method, targets, tiny_sdxl, tmp_path):
     ours = _adapted(tiny_sdxl, method, dp.UNET_TARGET_SETS[targets])
     report = export_diffusers({c: getattr(ours, c) for c in COMPONENTS}, tmp_path)
@@ -64,16 +64,16 @@ def test_exact_methods_load_identically_in_diffusers(method, targets, tiny_sdxl,
     assert any(k.startswith("unet.down_blocks.") and k.endswith(".to_q.lora_A.weight") for k in keys) \
         == (targets != "resnets")
     assert any(k.endswith(".ff.net.2.lora_B.weight") for k in keys) == (targets == "transformer")
+    rank = 3 if method == "lora" else 5  # LoRA-Dash exports as a rank r+s LoRA
     conv = [k for k in keys if k.endswith(".resnets.0.conv1.lora_A.weight")]
     assert bool(conv) == (targets == "resnets")
     if conv:  # PEFT's Conv2d LoRA shapes: A a 3×3 conv into r channels, B a 1×1 conv back
         with safe_open(tmp_path / DIFFUSERS_WEIGHTS, "pt") as f:
-            assert f.get_slice(conv[0]).get_shape()[0] == 3 and f.get_slice(conv[0]).get_shape()[2:] == [3, 3]
-            assert f.get_slice(conv[0].replace("lora_A", "lora_B")).get_shape()[1:] == [3, 1, 1]
+            assert f.get_slice(conv[0]).get_shape()[0] == rank and f.get_slice(conv[0]).get_shape()[2:] == [3, 3]
+            assert f.get_slice(conv[0].replace("lora_A", "lora_B")).get_shape()[1:] == [rank, 1, 1]
     # keys follow the module names (transformers 5's CLIP has no text_model wrapper), as peft's do
     te_keys = {k for k in keys if k.startswith("text_encoder.") and "layers.0.self_attn.q_proj.lora_B" in k}
     assert len(te_keys) == 1
-    rank = 3 if method == "lora" else 5  # LoRA-Dash exports as a rank r+s LoRA
     assert meta["unet.r"] == meta["unet.lora_alpha"] == rank
 
 
@@ -185,7 +185,7 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
 @pytest.mark.parametrize("method, size, targets", [  # layers_per_block 1 and 2 (SDXL's)
     ("lora", "tiny", "attention"), ("lora", "medium", "attention"), ("lora_dash", "tiny", "attention"),
     ("lora_dash", "medium", "attention"), ("lora", "medium", "transformer"),  # kohya's default targets
-    ("lora", "tiny", "resnets"), ("lora", "medium", "resnets")])  # kohya's LoCon (conv_dim) layers
+    ("lora", "tiny", "resnets"), ("lora", "medium", "resnets"), ("lora_dash", "tiny", "resnets")])  # LoCon
 def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny_sdxl, medium_sdxl, tmp_path):
     from dreampeft.export import export_kohya
 

@@ -40,6 +40,11 @@ def get_method(name: str) -> type["AdapterLayer"]:
         raise ConfigError(f"unknown adapter method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
+def conv_methods() -> list[str]:
+    """The registered methods that adapt convolutions (kohya's LoCon layers)."""
+    return [name for name, cls in METHODS.items() if nn.Conv2d in cls.base_types]
+
+
 def config_from_dict(data: dict) -> AdapterConfig:
     if "method" not in data:
         raise ConfigError(f"adapter config has no 'method' key; expected one of {sorted(METHODS)}")
@@ -90,6 +95,11 @@ class AdapterLayer(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.out_channels if self.is_conv else self.base_layer.out_features
+
+    @property
+    def fan_in(self) -> int:
+        """ΔW's columns as a matrix: in_features, or in·kh·kw for a convolution."""
+        return self.base_layer.weight[0].numel()
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects attn.to_q.weight keeps working
@@ -172,7 +182,8 @@ def check_base(layer_cls: type[AdapterLayer], base_layer: nn.Module) -> None:
     method = layer_cls.config_cls.method
     if not isinstance(base_layer, layer_cls.base_types):
         kinds = " and ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
-        hint = "; convolutions (the resnets target set) take --adapter lora" if isinstance(base_layer, nn.Conv2d) else ""
+        hint = (f"; convolutions (the resnets target set) take --adapter {' or '.join(conv_methods())}"
+                if isinstance(base_layer, nn.Conv2d) else "")
         raise TypeError(f"{method} adapts {kinds} layers, not {type(base_layer).__name__}{hint}")
     if isinstance(base_layer, nn.Conv2d) and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
         raise TypeError(f"{method} adapts plain convolutions (groups=1, zero padding); this one has "

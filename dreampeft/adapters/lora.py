@@ -90,6 +90,16 @@ class LoRAMixin:
         dw = self.lora_B.float().flatten(1) @ self.lora_A.float().flatten(1)
         return self.scaling * dw.view(self.base_layer.weight.shape)
 
+    def factored_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """``x`` through ``down`` (k, fan_in) then ``up`` (d_out, k): two matmuls on a Linear; on a
+        convolution a convolution with the base's geometry into k channels, then a 1×1 back."""
+        if not self.is_conv:
+            return F.linear(F.linear(x, down), up)
+        base = self.base_layer
+        h = F.conv2d(x, down.view(down.shape[0], -1, *base.kernel_size), None, base.stride, base.padding,
+                     base.dilation)
+        return F.conv2d(h, up.view(*up.shape, 1, 1))
+
     def lora_down(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         # The scale multiplies the r-wide intermediate, the cheapest place for it.
         if self.is_conv:

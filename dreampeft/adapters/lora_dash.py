@@ -13,6 +13,10 @@ Forward: the whole update as one rank r+s LoRA, up = [s·B | U], down = [A ; dia
 scales go on these small factors), so x is read once and the output written once. Before the
 launch U and Vh are zero, so the dash term contributes nothing (and δ gets zero gradient)
 without a data-dependent branch, which would force a device sync on GPU.
+
+On a convolution (kohya's LoCon layers) W0 and ΔW are read as (out, in·kh·kw) matrices: the
+directions are W0's singular vectors in that form, Vh a convolution with the base kernel into s
+channels and U a 1×1 convolution back, as the LoRA factors are (lora.py).
 """
 
 from __future__ import annotations
@@ -51,25 +55,26 @@ class LoRADashConfig(LowRankConfig):
 class LoRADashLayer(LoRAMixin, AdapterLayer):
     config_cls = LoRADashConfig
     peft_writer = "lora_factors"  # exported as its exact rank r+s LoRA
+    base_types = (nn.Linear, nn.Conv2d)
 
     def exact_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         up, down = self.low_rank_factors(1.0)
         return up.float(), down.float()
 
-    def __init__(self, base_layer: nn.Linear, config: LoRADashConfig):
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, config: LoRADashConfig):
         super().__init__(base_layer, config)
         s = config.n_directions
-        require(s <= min(self.in_features, self.out_features),
+        require(s <= min(self.fan_in, self.out_features),
                 f"n_directions={s} exceeds the rank bound of a {self.out_features}x"
-                f"{self.in_features} layer; lower it or exclude this layer")
+                f"{self.fan_in} layer; lower it or exclude this layer")
         self.init_lora(config.r, config.dropout, config.scaling)
         self.dash_delta = nn.Parameter(self.new_tensor(s).zero_())
         self.register_buffer("dash_U", self.new_tensor(self.out_features, s).zero_())
-        self.register_buffer("dash_Vh", self.new_tensor(s, self.in_features).zero_())
+        self.register_buffer("dash_Vh", self.new_tensor(s, self.fan_in).zero_())
         self.register_buffer("dash_active", torch.zeros((), dtype=torch.bool, device=self.dash_U.device))
 
     def dash_delta_weight(self) -> torch.Tensor:
-        return self.dash_U @ (self.dash_delta[:, None] * self.dash_Vh)
+        return (self.dash_U @ (self.dash_delta[:, None] * self.dash_Vh)).view(self.base_layer.weight.shape)
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_delta() + self.dash_delta_weight()
@@ -78,22 +83,27 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         """(up, down) with scale·ΔW = up @ down: the rank r+s LoRA form, for forward and export.
         The scales are applied to the small factors, never to activations."""
         s = self.scaling * scale
-        lora_up = self.lora_B if s == 1.0 else self.lora_B * s
+        lora_B, lora_A = self.lora_B.flatten(1), self.lora_A.flatten(1)  # a convolution's as matrices
+        lora_up = lora_B if s == 1.0 else lora_B * s
         delta = self.dash_delta if scale == 1.0 else self.dash_delta * scale
         # .to: a model cast after injection (model.to(bf16)) casts these buffers too
         up = torch.cat([lora_up, self.dash_U.to(lora_up.dtype)], dim=1)
-        down = torch.cat([self.lora_A, self.dash_Vh.to(self.lora_A.dtype) * delta[:, None]])
+        down = torch.cat([lora_A, self.dash_Vh.to(lora_A.dtype) * delta[:, None]])
         return up, down
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # dropout belongs to the LoRA branch only, so the branches stay separate here
+        if self.is_conv:
+            lora = F.conv2d(self.lora_down(x, self.scaling), self.lora_B)
+            return lora + self.factored_forward(x, self.dash_Vh.to(x.dtype) * self.dash_delta[:, None],
+                                                self.dash_U.to(x.dtype))
         dash = F.linear(x, self.dash_Vh.to(x.dtype)) * self.dash_delta
         return (F.linear(self.lora_down(x, self.scaling), self.lora_B)
                 + F.linear(dash, self.dash_U.to(x.dtype)))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if result.dtype != self.lora_B.dtype or not isinstance(self.dropout, nn.Identity):
+        if result.dtype != self.lora_B.dtype or not isinstance(self.dropout, nn.Identity) or self.is_conv:
             return super().adapted_forward(x)
         # One GEMM reads x once, one GEMM-add writes the output once (5 ops in all).
         up, down = self.low_rank_factors(self.scale)
@@ -107,13 +117,14 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
         ``svd``: W0's (U, σ, Vᵀ) computed beforehand (``svd_prefetch.SVDPrefetch``)."""
         if bool(self.dash_active):
             return False
-        w0 = self.base_layer.weight.float()
+        w0 = self.base_layer.weight.float().flatten(1)  # a convolution's as (out, in·kh·kw)
         if self.merged:
-            w0 = w0 - self.merged_scale * self.delta_weight()
+            w0 = w0 - self.merged_scale * self.delta_weight().flatten(1)
         use = svd is not None and not self.merged
         U, sigma, Vh = (t.to(w0.device) for t in svd) if use else frozen_svd(w0, svd_cache)
         # diag(Uᵀ ΔW V) with ΔW = s·B A, without forming ΔW: (Uᵀ s·B) row i · (A V) column i
-        coords = ((U.T @ self.lora_B.float()) * self.scaling * (Vh @ self.lora_A.float().T)).sum(-1)
+        coords = ((U.T @ self.lora_B.float().flatten(1)) * self.scaling
+                  * (Vh @ self.lora_A.float().flatten(1).T)).sum(-1)
         rate = coords.abs() / (sigma + EPS)
         idx = torch.topk(rate, self.config.n_directions).indices
         self.dash_U.copy_(U[:, idx])

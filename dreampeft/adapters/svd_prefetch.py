@@ -40,7 +40,7 @@ def held_bytes(layers: list[nn.Module]) -> int:
     """Host memory that U, σ and Vᵀ of every layer's W0 take in float32."""
     total = 0
     for m in layers:
-        d_out, d_in = m.base_layer.weight.shape
+        d_out, d_in = m.base_layer.weight.flatten(1).shape  # a convolution's as (out, in·kh·kw)
         total += 4 * min(d_out, d_in) * (d_out + d_in + 1)
     return total
 
@@ -87,7 +87,7 @@ class SVDPrefetch:
     def _decompose(self, layer: nn.Module, by_thread: bool = False):
         if layer.merged:  # the launch subtracts the merged update first: its own business
             return None
-        U, S, Vh = frozen_svd(layer.base_layer.weight.detach().float().cpu(), self.svd_cache)
+        U, S, Vh = frozen_svd(layer.base_layer.weight.detach().float().flatten(1).cpu(), self.svd_cache)
         return ON_DISK if by_thread and self.svd_cache is not None else (U, S, Vh)
 
     def _run(self) -> None:

@@ -81,6 +81,7 @@ class OptionSpec:
     help: str
     choices: tuple = ()
     optional: bool = False  # None is allowed (blank number → the method's default rule)
+    many: bool = False  # a choice that names a comma-separated list (the field is a list)
 
 
 def field_specs(cls, owner: str, names: list[str] | None = None, skip: set = frozenset()) -> list[OptionSpec]:
@@ -115,10 +116,19 @@ RUN_OPTIONS = ["aspect_buckets", "random_flip", "repeats", "masked_loss", "mask_
 RUN = "run"  # the owner of trainer options in OptionSpec.method
 
 
+# The UNet layers a run adapts: DreamBooth's attention, kohya's transformer blocks, or those and the
+# resnets' convolutions (kohya's LoCon; LoRA and LoRA-Dash: the trainer refuses it for the others).
+UNET_LAYERS = ("attention", "transformer", "transformer,resnets")
+
+
 def run_option_specs() -> list[OptionSpec]:
     from ..dreambooth import DreamBoothConfig
 
-    return field_specs(DreamBoothConfig, RUN, RUN_OPTIONS)
+    layers = OptionSpec(RUN, "unet_target_modules", "choice", UNET_LAYERS[0],
+                        "UNet layers to adapt: attention (diffusers' default), transformer (kohya's: every linear "
+                        "of the transformer blocks), transformer,resnets (kohya's LoCon: the convolutions too; "
+                        "LoRA and LoRA-Dash only)", UNET_LAYERS, many=True)
+    return [*field_specs(DreamBoothConfig, RUN, RUN_OPTIONS), layers]
 
 
 TRISTATE = {"auto": None, "on": True, "off": False}  # an optional bool: None means "decide from the data"
@@ -137,7 +147,7 @@ def options_from_values(specs: list[OptionSpec], values: list, method: str) -> d
         elif spec.kind == "float":
             value = float(value)
         elif spec.kind == "choice":
-            value = type(spec.choices[0])(value)
+            value = value.split(",") if spec.many else type(spec.choices[0])(value)
         if value != spec.default:
             options[spec.name] = value
     return options

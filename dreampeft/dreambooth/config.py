@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from torch import nn
+
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
-from ..adapters.config import check_fields, expand_target_sets, option, require
+from ..adapters.base import conv_methods
+from ..adapters.config import UNET_RESNET_CONVS, check_fields, expand_target_sets, option, require
 from ..eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 MAX_RESOLUTION = 4096
@@ -41,7 +44,7 @@ class DreamBoothConfig:
     unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt, or "
                                             "named sets: attention (the default), transformer (every linear "
                                             "of the transformer blocks, as kohya's LoRA), resnets (the "
-                                            "resnets' and samplers' convolutions, kohya's LoCon; LoRA only)")
+                                            "resnets' and samplers' convolutions, kohya's LoCon; LoRA and LoRA-Dash)")
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
     text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
@@ -139,6 +142,11 @@ class DreamBoothConfig:
         self.unet_target_modules = expand_target_sets(self.unet_target_modules)
         if self.adapter not in METHODS:
             raise ConfigError(f"--adapter {self.adapter!r}: choose one of {sorted(METHODS)}")
+        convs = [t for t in self.unet_target_modules if t in UNET_RESNET_CONVS]
+        require(not convs or nn.Conv2d in get_method(self.adapter).base_types,
+                f"--unet_target_modules names convolutions ({', '.join(convs[:3])}), which only --adapter "
+                f"{' or '.join(conv_methods())} adapt (kohya's LoCon); {self.adapter} adapts linear layers: "
+                "drop resnets or change --adapter")
         require(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")
         require(bool(self.instance_data_dir), "--instance_data_dir is required")
         require(bool(self.instance_prompt.strip()), "--instance_prompt is required, e.g. 'a photo of sks dog'")
