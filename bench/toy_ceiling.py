@@ -35,12 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
 from dreampeft.toy.evaluate import _pixels, generate, prompt_following  # noqa: E402
-from dreampeft.toy.recipe import write_class_images  # noqa: E402
+from dreampeft.toy.recipe import CLASS_CAPTIONS, write_class_images  # noqa: E402
 from dreampeft.toyworld import ALL_SUBJECTS, instance_caption, render, subject_scenes  # noqa: E402
 from dreampeft.utils import image_grid  # noqa: E402
 
 PARAMS = {"all": "", "attentions": "attentions", "resnets": "resnets|conv_in"}  # name filters
-CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0}}
 # conv_in rides with the resnets: on this CPU build, training convolutions whose input needs no
 # gradient while conv_in is frozen segfaulted (torch 2.13 CPU, oneDNN) — noted, not chased.
 

@@ -182,7 +182,7 @@ def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_pa
     from dreampeft.toy.recipe import CLASS_IMAGES, RECIPES
 
     assert main(["bench", "--methods", "mora", "--steps", "2", "--seeds", "1", "--train_seeds", "2",
-                 "--recipe", "full", "--subjects", "star", "--out", str(tmp_path)]) == 0
+                 "--recipe", "full", "--subjects", "star", "--drift_captions", "3", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     results = saved["results"]
     assert set(results) == {"base/star", "mora/star"}
@@ -191,7 +191,10 @@ def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_pa
     for subject in ["star"]:
         cell = results[f"mora/{subject}"]
         assert len(cell["runs"]) == 2 and cell["trainable"] > 0
-        for key in ("subject", "prompt", "instance"):  # instance: the training prompt's own subject fidelity
+        # object accuracy on 3 world captions: a share of 3 (rounded to 3 decimals)
+        assert all(3 * r["drift"] == pytest.approx(round(3 * r["drift"]), abs=0.01) for r in cell["runs"])
+        assert "drift" in results["base/star"] and saved["drift_captions"] == 3
+        for key in ("subject", "prompt", "instance", "drift"):  # instance: the training prompt's own subject fidelity
             values = [r[key] for r in cell["runs"]]
             assert cell[key] == pytest.approx(np.mean(values)) and cell[f"{key}_sd"] == pytest.approx(np.std(values, ddof=1))
         assert all(abs(r["prompt"] * asked_n - round(r["prompt"] * asked_n)) < 1e-9 for r in cell["runs"])
@@ -353,3 +356,30 @@ def test_transformer_recipe_adapts_the_blocks_that_draw_shapes(tmp_path):
     targets = json.loads((run / "dreampeft_adapter.json").read_text())["components"]["unet"]["targets"]
     assert {n.rsplit(".", 1)[-1] for n in targets} >= {"to_q", "proj_in", "proj_out", "2"}  # ff.net.2
     assert any(n.endswith("ff.net.0.proj") for n in targets)
+
+
+def test_locon_recipe_adapts_the_resnets_with_the_bare_class_prompt(tmp_path, capsys):
+    """``locon``: LoRA on the transformer blocks and the resnets' convolutions, prior preservation on
+    class images captioned "a object" (in their own folder, beside the world design's); methods that
+    cannot adapt convolutions are refused before anything loads."""
+    import json
+
+    from dreampeft.toy.__main__ import main
+    from dreampeft.toy.recipe import CLASS_IMAGES, RECIPES
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--methods", "lora,mora", "--recipe", "locon", "--out", str(tmp_path / "refused")])
+    assert "only lora and lora_dash can: drop mora from --methods" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
+                 "--recipe", "locon", "--subjects", "star", "--drift_captions", "0", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["recipe_options"] == json.loads(json.dumps(RECIPES["locon"]))
+    config = json.loads((tmp_path / "runs" / "star-lora-0" / "dreambooth_config.json").read_text())
+    assert config["class_data_dir"] == str(tmp_path / "class-plain") and config["train_batch_size"] == 5
+    captions = {f.read_text() for f in (tmp_path / "class-plain").glob("class-*.txt")}
+    assert captions == {"a object\n"} and len(list((tmp_path / "class-plain").glob("*.png"))) == CLASS_IMAGES
+    targets = json.loads((tmp_path / "runs" / "star-lora-0" / "dreampeft_adapter.json").read_text())
+    shapes = targets["components"]["unet"]["targets"]
+    assert shapes["down_blocks.0.resnets.0.conv1"]["shape"][2:] == [3, 3] and "mid_block.resnets.1.time_emb_proj" in shapes
+    assert "drift" not in saved["results"]["lora/star"] and "| – |" in (tmp_path / "results.md").read_text()

@@ -2,7 +2,7 @@
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
-    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer] [--out toy_bench]
+    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer|locon] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
 """
@@ -16,7 +16,7 @@ from dataclasses import fields
 from . import TOY_MODEL
 from ..adapters import METHODS, ConfigError
 from ..presets import parse_methods
-from .bench import BENCH_STEPS
+from .bench import BENCH_STEPS, DRIFT_CAPTIONS, check_recipe
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
 from .options import VARIANTS
 from .recipe import RECIPES, recipe_steps
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ben.add_argument("--train_seeds", type=int, default=3, help="training runs per method and subject")
     ben.add_argument("--recipe", default="prior", choices=list(RECIPES), help="trainer options (toy/recipe.py)")
     ben.add_argument("--subjects", default=",".join(SUBJECTS))
+    ben.add_argument("--drift_captions", type=int, default=DRIFT_CAPTIONS, help="world captions drawn per run "
+                     "for the drift column (shape words kept); 0 leaves it out")
     ben.add_argument("--out", default="toy_bench")
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             methods = parse_methods(args.methods)
-        except ConfigError as exc:
+            check_recipe(getattr(args, "recipe", ""), methods)
+        except (ConfigError, ValueError) as exc:
             p.error(str(exc))
         if args.command == "sweep":
             _sweep(p, args, methods)
@@ -113,8 +116,10 @@ def _bench(p, args, methods: list[str]) -> None:
     if args.train_seeds < 1 or args.seeds < 1:
         p.error(f"bench: --train_seeds and --seeds must be at least 1 (got {args.train_seeds}, {args.seeds})")
     subjects = _subjects(p, args.subjects)
+    if args.drift_captions < 0:
+        p.error(f"bench: --drift_captions must be 0 or more (got {args.drift_captions})")
     results = run_bench(args.model, args.out, methods, args.steps, args.seeds, subjects, args.train_seeds,
-                        recipe=args.recipe, log=lambda m: print(m, flush=True))
+                        recipe=args.recipe, drift=args.drift_captions, log=lambda m: print(m, flush=True))
     print(results_table(results, ["base", *methods], subjects))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {args.out}/grid.png")

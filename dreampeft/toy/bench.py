@@ -10,7 +10,11 @@ and sizes its instance images never showed — and the judge reads every image:
 * prompt fidelity: the share of the attributes a prompt asks for (background, position, size) that
   the judge reads off the image;
 * subject fidelity on the training prompt itself (``instance``): whether the subject was learnt at
-  all, as opposed to learnt but not carried into new prompts.
+  all, as opposed to learnt but not carried into new prompts;
+* drift: the object accuracy on 60 full world captions ("a red circle on a blue background ...",
+  ``evaluate.prompt_following``; the base 0.55): how many of its shape words the model kept. A
+  model that draws the subject for every prompt loses them, which prompt fidelity (backgrounds,
+  corners, sizes) does not see.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from ..dreambooth.plots import method_pareto
 from ..presets import RESOLUTION, TOY, method_preset
 from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
-from .evaluate import generate, judge_images
+from .evaluate import generate, judge_images, prompt_following
 from .models import HEADS
 from .recipe import DEFAULT_STEPS, RECIPES, class_images_if_needed, recipe_options, recipe_steps
 
@@ -36,6 +40,7 @@ INSTANCE_PROMPT = "a sks object"
 # Measured with LoRA on the star (4 seeds, base 0.25): UNet only 0.23 at 300 steps, 0.35 at 600 (r 8);
 # with the encoders 0.49 at 300, 0.37 at 600 (instance backgrounds start to leak into other prompts).
 BENCH_STEPS = DEFAULT_STEPS  # the plain, prior and full recipes' (recipe.py)
+DRIFT_CAPTIONS = 60  # world captions per drift measurement: ~14 s a run here; sd of a share ≈ 0.06
 RECONTEXT = {  # prompt → the attributes it asks for
     "a sks object on a green background": {"background": "green"},
     "a sks object on a black background": {"background": "black"},
@@ -91,17 +96,20 @@ def generations(pipe, seeds: int) -> tuple[list[str], list]:
     return prompts, generate(pipe, prompts, seed=0)
 
 
-def draw(pipe, seeds: int) -> tuple[list[str], list, list]:
-    """The recontext prompts, their images, and ``seeds`` images of the training prompt itself."""
-    return *generations(pipe, seeds), generate(pipe, [INSTANCE_PROMPT] * seeds, seed=0)
+def draw(pipe, judge, seeds: int, drift: int = DRIFT_CAPTIONS) -> tuple[list[str], list, list, float | None]:
+    """The recontext prompts, their images, ``seeds`` images of the training prompt itself, and the
+    drift over ``drift`` world captions (module docstring; None when 0)."""
+    kept = prompt_following(pipe, judge, n=drift)["object"] if drift else None
+    return *generations(pipe, seeds), generate(pipe, [INSTANCE_PROMPT] * seeds, seed=0), kept
 
 
-def judged(judge, drawn: tuple[list[str], list, list], subject: str) -> dict:
+def judged(judge, drawn: tuple[list[str], list, list, float | None], subject: str) -> dict:
     """Scores of ``draw``'s recontext images plus ``instance``, the subject fidelity of its images of
-    the training prompt."""
-    prompts, images, own = drawn
+    the training prompt, and its drift when drawn."""
+    prompts, images, own, drift = drawn
     return {**score(judge, images, prompts, subject),
-            "instance": score(judge, own, [INSTANCE_PROMPT] * len(own), subject)["subject"]}
+            "instance": score(judge, own, [INSTANCE_PROMPT] * len(own), subject)["subject"],
+            **({"drift": drift} if drift is not None else {})}
 
 
 def _load(model_dir):
@@ -115,14 +123,14 @@ def _load(model_dir):
 
 
 def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run: Path, steps: int, seeds: int,
-           lr: float | None = None, seed: int = 0, **options) -> tuple[dict, list]:
+           lr: float | None = None, seed: int = 0, drift: int = DRIFT_CAPTIONS, **options) -> tuple[dict, list]:
     """Train one method on one subject, draw the recontext prompts with it, score: (stats, images)."""
     from ..pipeline import load_into_pipeline, unload
 
     stats = train_subject(model_dir, folder, method, run, steps, seed=seed, lr=lr, **options)
     load_into_pipeline(pipe, run)
     try:
-        drawn = draw(pipe, seeds)
+        drawn = draw(pipe, judge, seeds, drift)
     finally:
         unload(pipe)
     return {**stats, **judged(judge, drawn, subject)}, drawn[1]
@@ -136,16 +144,33 @@ def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
     return write_subject(subject, out / "subjects" / subject), options
 
 
+def check_recipe(recipe: str, methods: list[str]) -> None:
+    """Refuse, before anything trains, a recipe whose targets a method cannot adapt (``locon``'s
+    convolutions: ``conv_methods`` only)."""
+    from ..adapters import UNET_TARGET_SETS, get_method
+    from ..adapters.base import conv_methods
+
+    targets = RECIPES.get(recipe, {}).get("unet_target_modules", [])
+    if "resnets" not in targets:
+        return
+    refused = [m for m in methods if torch.nn.Conv2d not in get_method(m).base_types]
+    if refused:
+        raise ValueError(f"recipe {recipe} adapts the resnets' convolutions ({', '.join(UNET_TARGET_SETS['resnets'][:2])}, "
+                         f"…), which only {' and '.join(conv_methods())} can: drop {', '.join(refused)} from --methods")
+
+
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,
               seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "prior",
-              log=print) -> dict:
+              drift: int = DRIFT_CAPTIONS, log=print) -> dict:
     """Train every method on every subject ``train_seeds`` times with ``recipe``, generate the
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
     ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``. ``steps``: by default
-    the recipe's (``recipe.STEPS``, else BENCH_STEPS)."""
+    the recipe's (``recipe.STEPS``, else BENCH_STEPS); ``drift``: world captions per drift measurement
+    (0: none)."""
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
-    base = draw(pipe, seeds)  # the base's images, scored against each subject
+    check_recipe(recipe, methods)
+    base = draw(pipe, judge, seeds, drift)  # the base's images, scored against each subject
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
@@ -157,7 +182,8 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
             runs = []
             for seed in range(train_seeds):
                 r, images = _learn(pipe, judge, model_dir, folder, subject, method,
-                                   out / "runs" / f"{subject}-{method}-{seed}", steps, seeds, seed=seed, **options)
+                                   out / "runs" / f"{subject}-{method}-{seed}", steps, seeds, seed=seed, drift=drift,
+                                   **options)
                 runs.append(r)
                 grid += [images[::seeds]] if seed == 0 else []
                 log(f"{subject} {method} seed {seed}: subject {r['subject']:.3f} (own prompt {r['instance']:.3f}), "
@@ -167,7 +193,7 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
                       out / f"pareto-{subject}.png")
     image_grid(grid).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(
-        {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe,
+        {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe, "drift_captions": drift,
          "recipe_options": RECIPES[recipe], "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, ["base", *methods], subjects) + "\n")
     return results
@@ -177,7 +203,7 @@ def summarise(runs: list[dict]) -> dict:
     """One cell from its training seeds: means, their sample standard deviation (``*_sd``; 0 for
     one seed) and the runs themselves."""
     cell = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if isinstance(runs[0][k], (int, float))}
-    for k in ("subject", "prompt", "instance"):
+    for k in [k for k in ("subject", "prompt", "instance", "drift") if k in runs[0]]:
         cell[f"{k}_sd"] = float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
     cell["trainable"] = runs[0]["trainable"]
     return {**cell, "runs": runs}
@@ -194,7 +220,8 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
-    base = judged(judge, draw(pipe, seeds), subject)  # what any setting must beat
+    check_recipe(recipe, methods)
+    base = judged(judge, draw(pipe, judge, seeds, drift=0), subject)  # what any setting must beat
     rows = []
     for method in methods:
         key, values = next(iter((option_grid or {None: [None]}).items()))
@@ -204,7 +231,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
                 lr = method_preset(TOY, method).lr * f
                 name = f"{method}-{lr:g}" + "".join(f"-{k}{v:g}" for k, v in variant.items())
                 r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / name, steps, seeds, lr,
-                              adapter_options=variant, **options)
+                              drift=0, adapter_options=variant, **options)
                 rows.append({"method": method, "lr": lr, "options": variant, **r})
                 log(f"{name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["subject"] + r["prompt"]) for m in methods}
@@ -227,18 +254,20 @@ def mean_sd(cell: dict, key: str) -> str:
 
 def results_table(results: dict, rows: list[str], subjects: list[str] | None = None) -> str:
     """Markdown: per method the trainable parameters, step time, subject fidelity per subject on the
-    recontext prompts and on the training prompt ("own prompt"), and prompt fidelity, as mean ± sd
-    over training seeds where there were several."""
+    recontext prompts and on the training prompt ("own prompt"), prompt fidelity and drift (shape
+    words kept), as mean ± sd over training seeds where there were several."""
     subjects = subjects or list(SUBJECTS)
     head = ("| method | trainable | step ms | " + " | ".join(f"subject: {s}" for s in subjects)
             + " | subject (mean) | " + " | ".join(f"own prompt: {s}" for s in subjects) + " | "
-            + " | ".join(f"prompt: {s}" for s in subjects) + " |")
-    lines = [head, "|---|" + "---:|" * (3 + 3 * len(subjects))]
+            + " | ".join(f"prompt: {s}" for s in subjects) + " | "
+            + " | ".join(f"drift: {s}" for s in subjects) + " |")
+    lines = [head, "|---|" + "---:|" * (3 + 4 * len(subjects))]
     for row in rows:
         r = [results[f"{row}/{s}"] for s in subjects]
         trainable = f"{r[0]['trainable']:,}" if "trainable" in r[0] else "–"
         step = f"{np.mean([x['step_ms'] for x in r]):.0f}" if "step_ms" in r[0] else "–"
         lines.append(f"| {row} | {trainable} | {step} | {' | '.join(mean_sd(x, 'subject') for x in r)} | "
                      f"{np.mean([x['subject'] for x in r]):.3f} | {' | '.join(mean_sd(x, 'instance') for x in r)} | "
-                     f"{' | '.join(mean_sd(x, 'prompt') for x in r)} |")
+                     f"{' | '.join(mean_sd(x, 'prompt') for x in r)} | "
+                     f"{' | '.join(mean_sd(x, 'drift') if 'drift' in x else '–' for x in r)} |")
     return "\n".join(lines)

@@ -45,7 +45,7 @@ def option_study(model_dir: str | Path, out: str | Path, methods: list[str], tra
                     t0 = time.perf_counter()
                     run = out / "runs" / f"{subject}-{method}-{name.replace(' ', '_')}-{seed}"
                     r, _ = _learn(pipe, judge, model_dir, folder, subject, method, run, steps, seeds,
-                                  seed=seed, **options)
+                                  seed=seed, drift=0, **options)
                     rows.setdefault((subject, method, name), []).append(r)
                     log(f"{subject} {method} {name} seed {seed}: subject {r['subject']:.3f}, prompt "
                         f"{r['prompt']:.3f}, step {r['step_ms']:.0f} ms ({time.perf_counter() - t0:.0f} s)")

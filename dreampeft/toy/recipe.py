@@ -21,7 +21,10 @@ method) keeps prompt fidelity at the base's but kept step 0 in 14 of 30 runs, so
 base's subject fidelity with it. ``transformer`` (``prior`` on kohya's targets, batches of all 5
 instance images, 1,000 steps; 3 training seeds, every method): LoRA's star 0.25 ± 0.07 at 1.00× the
 base's prompt fidelity, the others 0.10–0.20, the striped ball ≤ 0.001
-(``bench/results/toy_subject_probes.md``).
+(``bench/results/toy_subject_probes.md``). ``locon`` (``transformer`` plus the resnets' convolutions,
+kohya's LoCon, with class images of the bare "a object"; LoRA and LoRA-Dash): star 0.53 ± 0.15 and
+0.43 ± 0.12, striped ball 0.23 ± 0.08 and 0.33 ± 0.08, at 0.65–0.81× the base's prompt fidelity and
+drift 0.28–0.35 against the base's 0.55 (``bench/results/toy_bench_locon_recipe.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ SELECT_PROMPTS = [  # held out from bench.RECONTEXT: other backgrounds, corners 
     "a large sks object in the bottom left corner",
 ]
 CLASS_IMAGES = 48
-STEPS = {"transformer": 1000}  # a recipe's steps when the bench is not given --steps
+# How class images are captioned (``write_class_images``'s arguments): the full world caption that
+# names every attribute; DreamBooth's design, the instance prompt less "sks" with some attributes
+# named; DreamBooth's bare class prompt "a object". What the prior term keeps is what its captions
+# name (README: the world and object designs block the star from new contexts, plain lets it in).
+CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0}}
+STEPS = {"transformer": 1000, "locon": 1000}  # a recipe's steps when the bench is not given --steps
 DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is explained)
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
@@ -51,6 +59,10 @@ RECIPES: dict[str, dict] = {
     # sks object" images after 1,000 steps and 86–98% after 2,000 (two runs); attention alone 29%,
     # the resnets alone 25% at 1,000 (README).
     "transformer": {**PRIOR, "unet_target_modules": ["transformer"], "train_batch_size": 5},
+    # kohya's LoCon: the resnets' convolutions too (LoRA and LoRA-Dash only), with the bare class prompt's
+    # images — the design under which the whole UNet composed the star (README, session 16).
+    "locon": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+              "class_captions": "plain"},
     "full": {**PRIOR, "masked_loss": True, "mask_background_weight": 0.2,
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
@@ -84,9 +96,20 @@ def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0,
     return folder
 
 
+def class_folder(class_dir: Path, options: dict) -> Path:
+    """Where ``options``' class images live: ``class_dir`` for world captions, else beside it
+    (``class-plain``), so recipes of different designs never share images."""
+    design = options.get("class_captions", "world")
+    return class_dir if design == "world" else class_dir.with_name(f"{class_dir.name}-{design}")
+
+
 def class_images_if_needed(pipe, folder: Path, *options: dict) -> Path | None:
-    """The class images (``write_class_images``) when any of ``options`` uses prior preservation."""
-    return write_class_images(pipe, folder) if any(o.get("with_prior_preservation") for o in options) else None
+    """The class images (``write_class_images``, each recipe's caption design) when any of
+    ``options`` uses prior preservation; returns ``folder``, the world design's (``class_folder``)."""
+    used = [o for o in options if o.get("with_prior_preservation")]
+    for o in used:
+        write_class_images(pipe, class_folder(folder, o), **CLASS_CAPTIONS[o.get("class_captions", "world")])
+    return folder if used else None
 
 
 def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None) -> dict:
@@ -97,10 +120,12 @@ def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None) -
 
 
 def with_paths(options: dict, class_dir: Path | None, mask_dir: Path | None) -> dict:
-    """``options`` with the folders its prior preservation and masked loss read."""
+    """``options`` as DreamBoothConfig fields, with the folders its prior preservation and masked
+    loss read."""
     options = dict(options)
+    design = {"class_captions": options.pop("class_captions", "world")}
     if options.get("with_prior_preservation"):
-        options.update(class_data_dir=str(class_dir), class_prompt="a object")
+        options.update(class_data_dir=str(class_folder(class_dir, design)), class_prompt="a object")
     if options.get("masked_loss"):
         options["mask_dir"] = str(mask_dir)
     return options
