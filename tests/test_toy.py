@@ -3,6 +3,7 @@ judge reads the world, and that DreamBooth on it learns a subject the base model
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -259,9 +260,14 @@ def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path)
 def test_demo_runs_one_subject(tmp_path, capsys):
     from dreampeft.demo import main
 
-    main(["--out", str(tmp_path), "--methods", "lora", "--steps", "2", "--subject", "striped_ball"])
+    main(["--out", str(tmp_path), "--methods", "lora", "--steps", "2", "--subject", "striped_ball",
+          "--drift_captions", "2"])
     out = capsys.readouterr().out
     assert "| lora |" in out and "subject: striped_ball" in out and (tmp_path / "grid.png").exists()
+    assert "drift: striped_ball" in out and json.loads((tmp_path / "results.json").read_text())["recipe"] == "plain"
+    with pytest.raises(SystemExit):  # the locon recipe's layers only LoRA and LoRA-Dash can adapt
+        main(["--out", str(tmp_path / "x"), "--recipe", "locon", "--methods", "lora,dora"])
+    assert "drop dora from --methods" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("opt_out, expected", [(None, 0.0), ("1", 1e-39)])

@@ -103,10 +103,12 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if result.dtype != self.lora_B.dtype or not isinstance(self.dropout, nn.Identity) or self.is_conv:
+        if result.dtype != self.lora_B.dtype or not isinstance(self.dropout, nn.Identity):
             return super().adapted_forward(x)
-        # One GEMM reads x once, one GEMM-add writes the output once (5 ops in all).
         up, down = self.low_rank_factors(self.scale)
+        if self.is_conv:  # one kernel into r+s channels, one 1×1 back
+            return result + self.factored_forward(x, down, up)
+        # One GEMM reads x once, one GEMM-add writes the output once (5 ops in all).
         h = F.linear(x.reshape(-1, self.in_features), down)
         return torch.addmm(result.reshape(-1, self.out_features), h, up.t()).view(result.shape)
 
