@@ -1,4 +1,5 @@
-"""Find target layers (Linear; Conv2d for LoRA), wrap them in adapters, and operate on all adapters of a model."""
+"""Find target layers (Linear; Conv2d for LoRA and LoRA-Dash), wrap them in adapters, and operate on all
+adapters of a model."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config`` targets; raises if none, or if the method cannot
-    adapt one (every method adapts ``nn.Linear``; LoRA ``nn.Conv2d`` too)."""
+    adapt one (every method adapts ``nn.Linear``; LoRA and LoRA-Dash ``nn.Conv2d`` too)."""
     layer_cls = get_method(config.method)
     regex = re.compile(config.target_regex) if config.target_regex else None
     names, wrong_type = [], []

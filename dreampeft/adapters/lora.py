@@ -90,23 +90,26 @@ class LoRAMixin:
         dw = self.lora_B.float().flatten(1) @ self.lora_A.float().flatten(1)
         return self.scaling * dw.view(self.base_layer.weight.shape)
 
-    def factored_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """``x`` through ``down`` (k, fan_in) then ``up`` (d_out, k): two matmuls on a Linear; on a
-        convolution a convolution with the base's geometry into k channels, then a 1×1 back."""
+    def down_proj(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """``x`` into k channels by ``down`` ((k, fan_in), or its kernel form): a matmul on a Linear,
+        on a convolution a convolution with the base's kernel size, stride, padding and dilation."""
         if not self.is_conv:
-            return F.linear(F.linear(x, down), up)
+            return F.linear(x, down)
         base = self.base_layer
-        h = F.conv2d(x, down.view(down.shape[0], -1, *base.kernel_size), None, base.stride, base.padding,
-                     base.dilation)
-        return F.conv2d(h, up.view(*up.shape, 1, 1))
+        kernel = down.view(down.shape[0], -1, *base.kernel_size)
+        return F.conv2d(x, kernel, None, base.stride, base.padding, base.dilation)
+
+    def up_proj(self, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """k channels back to d_out by ``up`` ((d_out, k), or (d_out, k, 1, 1)): a 1×1 convolution on a
+        convolution."""
+        return F.conv2d(h, up.view(up.shape[0], up.shape[1], 1, 1)) if self.is_conv else F.linear(h, up)
+
+    def factored_forward(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.up_proj(self.down_proj(x, down), up)
 
     def lora_down(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         # The scale multiplies the r-wide intermediate, the cheapest place for it.
-        if self.is_conv:
-            base = self.base_layer
-            h = F.conv2d(self.dropout(x), self.lora_A, None, base.stride, base.padding, base.dilation)
-        else:
-            h = F.linear(self.dropout(x), self.lora_A)
+        h = self.down_proj(self.dropout(x), self.lora_A)
         return h * scale if scale != 1.0 else h
 
 
@@ -129,8 +132,7 @@ class LoRALayer(LoRAMixin, AdapterLayer):
         return self.lora_delta()
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        up = F.conv2d if self.is_conv else F.linear
-        return up(self.lora_down(x, self.scaling), self.lora_B)
+        return self.up_proj(self.lora_down(x, self.scaling), self.lora_B)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

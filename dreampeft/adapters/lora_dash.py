@@ -94,7 +94,7 @@ class LoRADashLayer(LoRAMixin, AdapterLayer):
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         # dropout belongs to the LoRA branch only, so the branches stay separate here
         if self.is_conv:
-            lora = F.conv2d(self.lora_down(x, self.scaling), self.lora_B)
+            lora = self.up_proj(self.lora_down(x, self.scaling), self.lora_B)
             return lora + self.factored_forward(x, self.dash_Vh.to(x.dtype) * self.dash_delta[:, None],
                                                 self.dash_U.to(x.dtype))
         dash = F.linear(x, self.dash_Vh.to(x.dtype)) * self.dash_delta
