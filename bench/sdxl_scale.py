@@ -139,7 +139,8 @@ def child(model: str, method: str, steps: int, res: int, workdir: Path, precisio
     from dreampeft.dreambooth import DreamBoothConfig
     from dreampeft.dreambooth.finish import peak_memory_mb
     from dreampeft.dreambooth.train import make_accelerator, setup, train_step
-    from dreampeft.export import export_diffusers, export_kohya_diff, factorize
+    from dreampeft.export import export_diffusers, factorize
+    from dreampeft.export_kohya import export_kohya_diff
     from dreampeft.state import save_adapter
     from dreampeft.tiny import ASSETS
     from dreampeft.utils import quiet_libraries

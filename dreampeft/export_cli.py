@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .export import (_check_empty, _load_components, export_diffusers, export_kohya, export_kohya_diff, export_peft,
-                     save_merged)
+from .export import _check_empty, _load_components, export_diffusers, export_peft, save_merged
+from .export_kohya import export_kohya, export_kohya_diff
 
 
 def _positive_int(text: str) -> int:

@@ -187,7 +187,7 @@ def test_export_cli_diffusers_and_errors(tiny_sdxl, tmp_path, capsys):
     ("lora_dash", "medium", "attention"), ("lora", "medium", "transformer"),  # kohya's default targets
     ("lora", "tiny", "resnets"), ("lora", "medium", "resnets"), ("lora_dash", "tiny", "resnets")])  # LoCon
 def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny_sdxl, medium_sdxl, tmp_path):
-    from dreampeft.export import export_kohya
+    from dreampeft.export_kohya import export_kohya
 
     path = tiny_sdxl if size == "tiny" else medium_sdxl
     ours = _adapted(path, method, dp.UNET_TARGET_SETS[targets])
@@ -216,7 +216,7 @@ def test_kohya_file_loads_through_diffusers_sgm_path(method, size, targets, tiny
 def test_dora_kohya_file_is_the_svd_of_its_update(tiny_sdxl, tmp_path):
     """kohya's format has no magnitude vectors here: DoRA's ΔW goes through the truncated SVD,
     exact at full rank through diffusers' kohya/SGM converter."""
-    from dreampeft.export import export_kohya
+    from dreampeft.export_kohya import export_kohya
 
     ours = _adapted(tiny_sdxl, "dora")
     factors = dp.export.factorize({"unet": ours.unet})  # DoRA's own factors, as the trainer shares them
@@ -269,7 +269,7 @@ def test_randomised_low_rank_export_is_near_optimal_and_reports_its_exact_error(
 def test_kohya_diff_file_is_exact_where_the_lora_file_is_not(method, medium_sdxl, tmp_path):
     """``.diff`` keys under the kohya LoRA file's own names (the ones diffusers' SGM converter reads
     in the test above); adding each to its weight, as ComfyUI's loader does, gives the adapted model."""
-    from dreampeft.export import export_kohya, export_kohya_diff, kohya_key, unet_layout
+    from dreampeft.export_kohya import export_kohya, export_kohya_diff, kohya_key, unet_layout
     from safetensors.torch import load_file
 
     ours = _adapted(medium_sdxl, method)
@@ -298,7 +298,8 @@ def test_locon_with_its_own_conv_rank_loads_exactly_in_every_format(tiny_sdxl, t
     their own rank and alpha (conv_dim/conv_alpha). Every format carries both ranks and scales:
     diffusers' loader (rank_pattern), its kohya converter, peft (rank/alpha patterns), the merged
     pipeline and the native file."""
-    from dreampeft.export import export_kohya, export_peft
+    from dreampeft.export import export_peft
+    from dreampeft.export_kohya import export_kohya
 
     peft = pytest.importorskip("peft")
     targets = dp.UNET_TRANSFORMER + dp.UNET_RESNETS

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from .. import inject
-from ..export import (DIFFUSERS_WEIGHTS, export_diffusers, export_kohya, export_kohya_diff, export_peft, factorize,
-                      save_merged_copy)
+from ..export import DIFFUSERS_WEIGHTS, export_diffusers, export_peft, factorize, save_merged_copy
+from ..export_kohya import export_kohya, export_kohya_diff
 from ..state import WEIGHTS_NAME, save_adapter
 from . import rundir
 from .card import write_model_card

@@ -26,7 +26,7 @@ STEPS_HELP = "training steps per run (default: the recipe's: " + ", ".join(
     f"{r} {recipe_steps(r)}" for r in RECIPES) + ")"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreampeft.toy", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pre = sub.add_parser("pretrain", help="train the toy model from scratch into OUT")
@@ -69,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
                      "(for the methods that have it)")
     swp.add_argument("--out", default="toy_sweep")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     from ..utils import quiet_libraries
 
