@@ -22,7 +22,7 @@ from pathlib import Path
 from .toy import TOY_MODEL
 from .adapters import METHODS, ConfigError
 from .presets import parse_methods
-from .adapters.base import conv_methods
+from .adapters.base import conv_methods, conv_targets
 from .toy.bench import DRIFT_CAPTIONS, check_recipe, results_table, run_bench
 from .toy.recipe import RECIPES, recipe_steps
 from .toyworld import SUBJECTS
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder")
     args = parser.parse_args(argv)
     quiet_libraries()
-    convs = "resnets" in RECIPES[args.recipe].get("unet_target_modules", [])
+    convs = conv_targets(RECIPES[args.recipe].get("unet_target_modules", []))
     try:
         methods = parse_methods(args.methods or ",".join(conv_methods() if convs else METHODS))
         check_recipe(args.recipe, methods)

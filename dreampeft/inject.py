@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterConfig, AdapterLayer, get_method
-from .adapters.base import conv_methods
+from .adapters.base import conv_methods, layer_kinds
 
 
 def _matches(name: str, suffixes: Iterable[str]) -> bool:
@@ -36,7 +36,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
         if not hit or _excluded(name, config.exclude_modules):
             continue
         (names if isinstance(module, layer_cls.base_types) else wrong_type).append((name, type(module).__name__))
-    kinds = " or ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
+    kinds = layer_kinds(layer_cls)
     if wrong_type:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong_type[:5])
         conv = (f" (convolutions take --adapter {' or '.join(conv_methods())})"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig, ConfigError
+from .config import UNET_RESNET_CONVS, AdapterConfig, ConfigError, expand_target_sets
 
 METHODS: dict[str, type["AdapterLayer"]] = {}
 
@@ -43,6 +43,16 @@ def get_method(name: str) -> type["AdapterLayer"]:
 def conv_methods() -> list[str]:
     """The registered methods that adapt convolutions (kohya's LoCon layers)."""
     return [name for name, cls in METHODS.items() if nn.Conv2d in cls.base_types]
+
+
+def conv_targets(targets: list[str]) -> list[str]:
+    """The suffixes among ``targets`` (named sets expanded) that name the UNet's convolutions."""
+    return [t for t in expand_target_sets(targets) if t in UNET_RESNET_CONVS]
+
+
+def layer_kinds(layer_cls: type["AdapterLayer"]) -> str:
+    """What a method adapts, for messages: "nn.Linear or nn.Conv2d"."""
+    return " or ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -181,10 +191,9 @@ def check_base(layer_cls: type[AdapterLayer], base_layer: nn.Module) -> None:
     """Raise unless ``layer_cls`` adapts this kind of layer (a plain convolution, for conv methods)."""
     method = layer_cls.config_cls.method
     if not isinstance(base_layer, layer_cls.base_types):
-        kinds = " and ".join(f"nn.{t.__name__}" for t in layer_cls.base_types)
         hint = (f"; convolutions (the resnets target set) take --adapter {' or '.join(conv_methods())}"
                 if isinstance(base_layer, nn.Conv2d) else "")
-        raise TypeError(f"{method} adapts {kinds} layers, not {type(base_layer).__name__}{hint}")
+        raise TypeError(f"{method} adapts {layer_kinds(layer_cls)} layers, not {type(base_layer).__name__}{hint}")
     if isinstance(base_layer, nn.Conv2d) and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):
         raise TypeError(f"{method} adapts plain convolutions (groups=1, zero padding); this one has "
                         f"groups={base_layer.groups}, padding_mode={base_layer.padding_mode!r}")

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import nn
-
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
-from ..adapters.base import conv_methods
-from ..adapters.config import UNET_RESNET_CONVS, check_fields, expand_target_sets, option, require
+from ..adapters.base import conv_methods, conv_targets
+from ..adapters.config import check_fields, expand_target_sets, option, require
 from ..eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 MAX_RESOLUTION = 4096
@@ -142,8 +140,8 @@ class DreamBoothConfig:
         self.unet_target_modules = expand_target_sets(self.unet_target_modules)
         if self.adapter not in METHODS:
             raise ConfigError(f"--adapter {self.adapter!r}: choose one of {sorted(METHODS)}")
-        convs = [t for t in self.unet_target_modules if t in UNET_RESNET_CONVS]
-        require(not convs or nn.Conv2d in get_method(self.adapter).base_types,
+        convs = conv_targets(self.unet_target_modules)
+        require(not convs or self.adapter in conv_methods(),
                 f"--unet_target_modules names convolutions ({', '.join(convs[:3])}), which only --adapter "
                 f"{' or '.join(conv_methods())} adapt (kohya's LoCon); {self.adapter} adapts linear layers: "
                 "drop resnets or change --adapter")

@@ -147,16 +147,13 @@ def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
 def check_recipe(recipe: str, methods: list[str]) -> None:
     """Refuse, before anything trains, a recipe whose targets a method cannot adapt (``locon``'s
     convolutions: ``conv_methods`` only)."""
-    from ..adapters import UNET_TARGET_SETS, get_method
-    from ..adapters.base import conv_methods
+    from ..adapters.base import conv_methods, conv_targets
 
-    targets = RECIPES.get(recipe, {}).get("unet_target_modules", [])
-    if "resnets" not in targets:
-        return
-    refused = [m for m in methods if torch.nn.Conv2d not in get_method(m).base_types]
+    convs = conv_targets(RECIPES.get(recipe, {}).get("unet_target_modules", []))
+    refused = [m for m in methods if m not in conv_methods()] if convs else []
     if refused:
-        raise ValueError(f"recipe {recipe} adapts the resnets' convolutions ({', '.join(UNET_TARGET_SETS['resnets'][:2])}, "
-                         f"…), which only {' and '.join(conv_methods())} can: drop {', '.join(refused)} from --methods")
+        raise ValueError(f"recipe {recipe} adapts the resnets' convolutions ({', '.join(convs[:2])}, …), which "
+                         f"only {' and '.join(conv_methods())} can: drop {', '.join(refused)} from --methods")
 
 
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,

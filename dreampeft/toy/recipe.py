@@ -96,10 +96,9 @@ def write_class_images(pipe, folder: Path, n: int = CLASS_IMAGES, seed: int = 0,
     return folder
 
 
-def class_folder(class_dir: Path, options: dict) -> Path:
-    """Where ``options``' class images live: ``class_dir`` for world captions, else beside it
-    (``class-plain``), so recipes of different designs never share images."""
-    design = options.get("class_captions", "world")
+def class_folder(class_dir: Path, design: str) -> Path:
+    """Where the class images of a caption ``design`` (``CLASS_CAPTIONS``) live: ``class_dir`` for
+    world captions, else beside it (``class-plain``), so recipes of different designs never share images."""
     return class_dir if design == "world" else class_dir.with_name(f"{class_dir.name}-{design}")
 
 
@@ -107,8 +106,8 @@ def class_images_if_needed(pipe, folder: Path, *options: dict) -> Path | None:
     """The class images (``write_class_images``, each recipe's caption design) when any of
     ``options`` uses prior preservation; returns ``folder``, the world design's (``class_folder``)."""
     used = [o for o in options if o.get("with_prior_preservation")]
-    for o in used:
-        write_class_images(pipe, class_folder(folder, o), **CLASS_CAPTIONS[o.get("class_captions", "world")])
+    for design in {o.get("class_captions", "world") for o in used}:
+        write_class_images(pipe, class_folder(folder, design), **CLASS_CAPTIONS[design])
     return folder if used else None
 
 
@@ -123,7 +122,7 @@ def with_paths(options: dict, class_dir: Path | None, mask_dir: Path | None) -> 
     """``options`` as DreamBoothConfig fields, with the folders its prior preservation and masked
     loss read."""
     options = dict(options)
-    design = {"class_captions": options.pop("class_captions", "world")}
+    design = options.pop("class_captions", "world")
     if options.get("with_prior_preservation"):
         options.update(class_data_dir=str(class_folder(class_dir, design)), class_prompt="a object")
     if options.get("masked_loss"):
