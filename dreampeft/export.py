@@ -38,6 +38,7 @@ class LayerExport:
     rel_error: float  # ||ΔW - up·down||_F / ||ΔW||_F
     norm: float  # ||ΔW||_F
     magnitude: torch.Tensor | None = None  # DoRA: up·down is the direction update, m rescales rows
+    # (in PEFT's stored shape: (1, out, 1, 1) on a convolution)
     kernel: tuple[int, ...] = ()  # a convolution's (kh, kw)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +206,7 @@ def _peft_lora_factors(layers: dict) -> tuple[dict, dict]:
 def _peft_dora(layers: dict) -> tuple[dict, dict]:
     """DoRA as PEFT stores it: LoRA's raw A, B and alpha with use_dora, plus each magnitude."""
     config, tensors = _peft_lora(layers)
-    tensors.update({f"base_model.model.{n}.lora_magnitude_vector": l.magnitude.detach().float().cpu()
+    tensors.update({f"base_model.model.{n}.lora_magnitude_vector": l.peft_magnitude().cpu()
                     for n, l in layers.items()})
     return {**config, "use_dora": True}, tensors
 

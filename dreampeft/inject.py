@@ -1,4 +1,4 @@
-"""Find target layers (Linear; Conv2d for LoRA and LoRA-Dash), wrap them in adapters, and operate on all
+"""Find target layers (Linear; Conv2d for LoRA, LoRA-Dash and DoRA), wrap them in adapters, and operate on all
 adapters of a model."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterConfig, AdapterLayer, get_method
-from .adapters.base import conv_methods, layer_kinds
+from .adapters.base import conv_methods_text, layer_kinds
 
 
 def _matches(name: str, suffixes: Iterable[str]) -> bool:
@@ -25,7 +25,7 @@ def _excluded(name: str, exclude: Iterable[str]) -> bool:
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     """Qualified names of the modules ``config`` targets; raises if none, or if the method cannot
-    adapt one (every method adapts ``nn.Linear``; LoRA and LoRA-Dash ``nn.Conv2d`` too)."""
+    adapt one (every method adapts ``nn.Linear``; LoRA, LoRA-Dash and DoRA ``nn.Conv2d`` too)."""
     layer_cls = get_method(config.method)
     regex = re.compile(config.target_regex) if config.target_regex else None
     names, wrong_type = [], []
@@ -39,7 +39,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     kinds = layer_kinds(layer_cls)
     if wrong_type:
         listed = ", ".join(f"{n} ({t})" for n, t in wrong_type[:5])
-        conv = (f" (convolutions take --adapter {' or '.join(conv_methods())})"
+        conv = (f" (convolutions take --adapter {conv_methods_text()})"
                 if any(t == "Conv2d" for _, t in wrong_type) else "")
         raise TypeError(f"{config.method} adapts {kinds} layers, but these match too: {listed}{conv}; "
                         f"narrow target_modules/target_regex or add them to exclude_modules")

@@ -27,7 +27,7 @@ def adapted(model_name, method, randomize=True, seed=0):
 
 def test_every_method_has_a_case():
     assert {case.split("-")[0] for case in METHOD_CASES} == set(dp.METHODS)
-    assert any(model == "unet-resnets" for model, _ in CASES)  # LoRA and LoRA-Dash adapt convolutions
+    assert any(model == "unet-resnets" for model, _ in CASES)  # LoRA, LoRA-Dash and DoRA adapt convolutions
 
 
 @pytest.mark.parametrize("method", sorted(m for m in dp.METHODS if not adapts_convs(m)))

@@ -82,7 +82,7 @@ def test_unet_layers_choice_reaches_the_trainer_and_locon_is_lora_only():
     common = dict(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p", **options)
     targets = DreamBoothConfig(adapter="lora", **common).unet_target_modules
     assert {"to_q", "ff.net.2", "conv1", "conv_shortcut", "time_emb_proj", "upsamplers.0.conv"} <= set(targets)
-    with pytest.raises(ConfigError, match="names convolutions .* which only --adapter lora or lora_dash adapt"):
+    with pytest.raises(ConfigError, match="names convolutions .* which only --adapter lora, lora_dash or dora adapt"):
         DreamBoothConfig(adapter="mora", **common)
 
 

@@ -233,7 +233,7 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("bad_adapter", r"argument --adapter: invalid choice: 'vera'"),
     ("no_match", r"--unet_target_modules: no nn.Linear or nn.Conv2d module .* matches \['to_qq'\]"),
     ("wrong_method_flag", "--n_frequency applies to --adapter fourierft, not lora"),
-    ("conv_for_mora", r"names convolutions \(conv1, conv2, conv_shortcut\), which only --adapter lora or lora_dash adapt"),
+    ("conv_for_mora", r"names convolutions \(conv1, conv2, conv_shortcut\), which only --adapter lora, lora_dash or dora adapt"),
     ("class_without_prior", "only apply with --with_prior_preservation"),
     ("fp16_on_cpu", "fp16 needs a CUDA GPU"),
     ("bad_resume", "--resume_from_checkpoint .*: not a checkpoint folder"),

@@ -48,7 +48,7 @@ def test_injection_errors_name_the_patterns():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 3), nn.Embedding(4, 4), nn.Conv2d(2, 2, 3, groups=2))
     with pytest.raises(TypeError, match=r"lora adapts nn.Linear or nn.Conv2d layers, but these match too: 2 \(Embedding\)"):
         dp.inject_adapters(model, dp.LoRAConfig(target_modules=["0", "2"]))
-    with pytest.raises(TypeError, match=r"mora adapts nn.Linear layers, .*1 \(Conv2d\) \(convolutions take --adapter lora or lora_dash\)"):
+    with pytest.raises(TypeError, match=r"mora adapts nn.Linear layers, .*1 \(Conv2d\) \(convolutions take --adapter lora, lora_dash or dora\)"):
         dp.inject_adapters(model, dp.MoRAConfig(target_modules=["0", "1"]))
     with pytest.raises(TypeError, match=r"plain convolutions \(groups=1, zero padding\); this one has groups=2"):
         dp.inject_adapters(model, dp.LoRAConfig(target_modules=["0", "3"]))

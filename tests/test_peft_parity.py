@@ -43,15 +43,22 @@ def test_lora_matches_peft(rslora, locon):
     torch.testing.assert_close(ours(**inputs).sample, theirs(**inputs).sample, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_dora_matches_peft_outputs_and_gradients(dropout):
+@pytest.mark.parametrize("dropout, locon", [(0.0, False), (0.3, False), (0.0, True), (0.3, True)])
+def test_dora_matches_peft_outputs_and_gradients(dropout, locon):
     """PEFT's DoRA given the same A, B and magnitude: same outputs (train mode with dropout, eval),
-    same gradients (‖W0 + sBA‖ detached in both), and merging keeps the output."""
+    same gradients (‖W0 + sBA‖ detached in both), and merging keeps the output — on attention, and
+    on kohya's LoCon set, where the 3×3 convolutions have their own rank and alpha and PEFT's
+    DoraConv2dLayer normalises each output channel over (in, kh, kw)."""
     peft = pytest.importorskip("peft")
     ours, theirs = build("unet"), build("unet")
-    dp.inject_adapters(ours, dp.DoRAConfig(r=4, alpha=8, dropout=dropout))
+    targets = list(dp.UNET_TRANSFORMER + dp.UNET_RESNETS) if locon else list(dp.UNET_ATTENTION)
+    conv = {"conv_r": 16, "conv_alpha": 8.0} if locon else {}
+    dp.inject_adapters(ours, dp.DoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=targets, **conv))
+    patterns = {k: 16 for k in KERNEL_3X3} if locon else {}
     theirs = peft.inject_adapter_in_model(peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=list(dp.UNET_ATTENTION)), theirs)
+        r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True, target_modules=targets, rank_pattern=patterns,
+        alpha_pattern={k: 8.0 for k in patterns}), theirs)
+    assert any(layer.is_conv for layer in dp.adapter_layers(ours).values()) == locon
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, layer in dp.adapter_layers(ours).items():
@@ -60,7 +67,7 @@ def test_dora_matches_peft_outputs_and_gradients(dropout):
             other = theirs.get_submodule(name)
             other.lora_A["default"].weight.copy_(layer.lora_A)
             other.lora_B["default"].weight.copy_(layer.lora_B)
-            other.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+            other.lora_magnitude_vector["default"].weight.copy_(layer.peft_magnitude())
     inputs = example_input("unet")
     for model in (ours, theirs):
         model.train()
@@ -73,7 +80,7 @@ def test_dora_matches_peft_outputs_and_gradients(dropout):
     b.pow(2).mean().backward()
     for name, layer in dp.adapter_layers(ours).items():
         other = theirs.get_submodule(name)
-        torch.testing.assert_close(layer.magnitude.grad, other.lora_magnitude_vector["default"].weight.grad,
+        torch.testing.assert_close(layer.magnitude.grad, other.lora_magnitude_vector["default"].weight.grad.flatten(),
                                    rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(layer.lora_A.grad, other.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
     ours.eval(), theirs.eval()

@@ -265,9 +265,9 @@ def test_demo_runs_one_subject(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| lora |" in out and "subject: striped_ball" in out and (tmp_path / "grid.png").exists()
     assert "drift: striped_ball" in out and json.loads((tmp_path / "results.json").read_text())["recipe"] == "plain"
-    with pytest.raises(SystemExit):  # the locon recipe's layers only LoRA and LoRA-Dash can adapt
-        main(["--out", str(tmp_path / "x"), "--recipe", "locon", "--methods", "lora,dora"])
-    assert "drop dora from --methods" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the locon recipe's layers only LoRA, LoRA-Dash and DoRA can adapt
+        main(["--out", str(tmp_path / "x"), "--recipe", "locon", "--methods", "lora,mora"])
+    assert "drop mora from --methods" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("opt_out, expected", [(None, 0.0), ("1", 1e-39)])
@@ -375,7 +375,7 @@ def test_locon_recipe_adapts_the_resnets_with_the_bare_class_prompt(tmp_path, ca
 
     with pytest.raises(SystemExit):
         main(["bench", "--methods", "lora,mora", "--recipe", "locon", "--out", str(tmp_path / "refused")])
-    assert "only lora and lora_dash can: drop mora from --methods" in capsys.readouterr().err
+    assert "only lora, lora_dash and dora can: drop mora from --methods" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
     assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
                  "--recipe", "locon", "--subjects", "star", "--drift_captions", "0", "--out", str(tmp_path)]) == 0

@@ -45,6 +45,12 @@ def conv_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if nn.Conv2d in cls.base_types]
 
 
+def conv_methods_text(conj: str = "or") -> str:
+    """``conv_methods`` for messages: "lora, lora_dash or dora"."""
+    names = conv_methods()
+    return f"{', '.join(names[:-1])} {conj} {names[-1]}" if len(names) > 1 else names[0]
+
+
 def conv_targets(targets: list[str]) -> list[str]:
     """The suffixes among ``targets`` (named sets expanded) that name the UNet's convolutions."""
     return [t for t in expand_target_sets(targets) if t in UNET_RESNET_CONVS]
@@ -191,7 +197,7 @@ def check_base(layer_cls: type[AdapterLayer], base_layer: nn.Module) -> None:
     """Raise unless ``layer_cls`` adapts this kind of layer (a plain convolution, for conv methods)."""
     method = layer_cls.config_cls.method
     if not isinstance(base_layer, layer_cls.base_types):
-        hint = (f"; convolutions (the resnets target set) take --adapter {' or '.join(conv_methods())}"
+        hint = (f"; convolutions (the resnets target set) take --adapter {conv_methods_text()}"
                 if isinstance(base_layer, nn.Conv2d) else "")
         raise TypeError(f"{method} adapts {layer_kinds(layer_cls)} layers, not {type(base_layer).__name__}{hint}")
     if isinstance(base_layer, nn.Conv2d) and (base_layer.groups != 1 or base_layer.padding_mode != "zeros"):

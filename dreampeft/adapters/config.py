@@ -23,7 +23,7 @@ CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 UNET_TRANSFORMER = UNET_ATTENTION + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 # Every layer of the resnets and of the down/upsamplers — what kohya's conv LoRA ("LoCon", its
 # conv_dim) adds to the transformer set: the 3×3 convolutions, the 1×1 shortcuts and each resnet's
-# time-embedding projection. LoRA and LoRA-Dash adapt convolutions (``base.conv_methods``).
+# time-embedding projection. LoRA, LoRA-Dash and DoRA adapt convolutions (``base.conv_methods``).
 UNET_RESNETS = ("conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 UNET_RESNET_CONVS = tuple(t for t in UNET_RESNETS if t != "time_emb_proj")  # the nn.Conv2d among them
 UNET_TARGET_SETS = {"attention": UNET_ATTENTION, "transformer": UNET_TRANSFORMER, "resnets": UNET_RESNETS}

@@ -10,6 +10,11 @@ so ΔW = (m/‖V‖)[:, None] · V − W0. The update depends on W0 itself, so m
 added and unmerging subtracts that same tensor (recomputing it from a merged W0 would be wrong).
 ΔW is full rank in general, so it is exported in DoRA's own format (A, s·B, m: ``dora_parts``) where
 the format has one (PEFT; diffusers' UNet), else as the truncated SVD of ΔW.
+
+On a ``nn.Conv2d`` (PEFT's ``DoraConv2dLayer``; LyCORIS' LoCon with ``dora_wd``) the factors are
+LoRA's conv factors and the norm is taken per output channel over (in, kh, kw): the kernel as the
+matrix (out, in·kh·kw), so every formula above holds on that view. Rank and alpha for 3×3 kernels
+follow ``--conv_rank``/``--conv_alpha`` as for LoRA.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import AdapterLayer, register_method
-from .lora import LoRAMixin, LowRankConfig
+from .lora import LoRAConfig, LoRAMixin
 
 
 @dataclass
-class DoRAConfig(LowRankConfig):
+class DoRAConfig(LoRAConfig):
+    """LoRA's options (conv rank and alpha included): DoRA only adds the magnitude."""
+
     method = "dora"
 
 
@@ -33,16 +40,25 @@ class DoRAConfig(LowRankConfig):
 class DoRALayer(LoRAMixin, AdapterLayer):
     config_cls = DoRAConfig
     peft_writer = "dora"  # PEFT's LoRA with use_dora=True and lora_magnitude_vector
+    base_types = (nn.Linear, nn.Conv2d)
 
-    def __init__(self, base_layer: nn.Linear, config: DoRAConfig):
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, config: DoRAConfig):
         super().__init__(base_layer, config)
-        self.init_lora(config.r, config.dropout, config.scaling)
+        r, scaling = config.rank_and_scaling(tuple(base_layer.weight.shape[2:]))
+        self.init_lora(r, config.dropout, scaling)
         with torch.no_grad():  # B = 0, so ‖W0 + s·B A‖ = ‖W0‖: the adapted layer starts as the base
             self.magnitude = nn.Parameter(self.weight_norm())
         self._merged_delta: torch.Tensor | None = None
 
     def dora_parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.lora_B.float() * self.scaling).clone(), self.lora_A.float().clone(), self.magnitude.float().clone()
+        return (self.lora_B.float().flatten(1) * self.scaling, self.lora_A.float().flatten(1).clone(),
+                self.peft_magnitude())
+
+    def peft_magnitude(self) -> torch.Tensor:
+        """m as PEFT stores ``lora_magnitude_vector``: (out,), or (1, out, 1, 1) on a convolution
+        (PEFT keeps the kernel norm's keepdim shape, transposed)."""
+        m = self.magnitude.detach().float().clone()
+        return m.view(1, -1, 1, 1) if self.is_conv else m
 
     def direction(self) -> torch.Tensor:
         """V = W0 + s·B A in float32, before its rows are normalised."""
@@ -56,42 +72,51 @@ class DoRALayer(LoRAMixin, AdapterLayer):
         size that was 1.5× LoRA's layer time at 64 tokens and 8 GB more peak memory (freed
         weight-sized blocks the allocator kept). At B = 0 it is exactly ‖W0‖ (√(x²) = x in binary
         floating point, away from underflow), so the layer starts as the base bit for bit."""
-        w0 = self.base_layer.weight.float()
-        a, b, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+        w0 = self.base_layer.weight.float().flatten(1)  # a kernel as the matrix (out, in·kh·kw)
+        a, b, s = self.lora_A.float().flatten(1), self.lora_B.float().flatten(1), self.scaling
         square = torch.linalg.vector_norm(w0, dim=1).square()
         square += (2 * s) * (b * F.linear(w0, a)).sum(1) + (s * s) * ((b @ (a @ a.T)) * b).sum(1)
         return square.clamp_min_(0).sqrt_()
 
-    def _mag(self) -> torch.Tensor:
-        return self.magnitude / self.weight_norm()
+    def _per_out(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector shaped to broadcast over outputs: the last axis of a Linear's,
+        the channel axis (dim 1) of a convolution's feature map."""
+        return v.view(-1, 1, 1) if self.is_conv else v
 
     def delta_weight(self) -> torch.Tensor:
         if self._merged_delta is not None:  # W0 holds the merge: ΔW is the one that was added
             return self._merged_delta
         v = self.direction()
-        return (self.magnitude / v.norm(dim=1))[:, None] * v - self.base_layer.weight.float()
+        mag = self.magnitude / v.flatten(1).norm(dim=1)
+        return mag.view(-1, *(1,) * (v.dim() - 1)) * v - self.base_layer.weight.float()
+
+    def _base_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x W0ᵀ without the bias (a convolution with the base's stride, padding and dilation)."""
+        base = self.base_layer
+        w = base.weight.to(x.dtype)
+        return F.conv2d(x, w, None, base.stride, base.padding, base.dilation) if self.is_conv else F.linear(x, w)
 
     def _delta_out(self, x: torch.Tensor, base_out: torch.Tensor | None) -> torch.Tensor:
         """x ΔWᵀ in float32; ``base_out`` is x W0ᵀ when the caller has it (no dropout)."""
         xd = self.dropout(x.to(self.lora_A.dtype))
         if base_out is None or not isinstance(self.dropout, nn.Identity):
-            base_out = F.linear(xd, self.base_layer.weight.to(xd.dtype))
-        mag = self._mag()
-        lora = F.linear(F.linear(xd, self.lora_A) * self.scaling, self.lora_B)  # xd has had its dropout
+            base_out = self._base_matmul(xd)
+        mag = self._per_out(self.magnitude / self.weight_norm())
+        lora = self.up_proj(self.down_proj(xd, self.lora_A) * self.scaling, self.lora_B)  # xd had its dropout
         return (mag - 1) * base_out.float() + mag * lora
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._delta_out(x, None)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One base matmul serves both the base output and DoRA's rescaling of it.
+        # One base matmul serves both the output and DoRA's rescaling of x W0ᵀ (the output less the
+        # bias, as PEFT takes it): at init the delta is exactly 0, so the layer is the base bit for bit.
+        result = self.base_layer(x)
         bias = self.base_layer.bias
-        base_out = F.linear(x, self.base_layer.weight)
-        delta = self._delta_out(x, base_out)
+        delta = self._delta_out(x, result if bias is None else result - self._per_out(bias))
         if self.scale != 1.0:
             delta = delta * self.scale
-        out = base_out + delta.to(base_out.dtype)
-        return out if bias is None else out + bias
+        return result + delta.to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

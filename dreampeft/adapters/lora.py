@@ -74,7 +74,7 @@ class LoRAConfig(LowRankConfig):
 
 
 class LoRAMixin:
-    """The two low-rank factors and their fused forward, shared by LoRA and LoRA-Dash."""
+    """The two low-rank factors and their fused forward, shared by LoRA, LoRA-Dash and DoRA."""
 
     def init_lora(self, r: int, dropout: float, scaling: float) -> None:
         # On a convolution the factors have PEFT's Conv2d shapes: A (r, in, kh, kw), B (out, r, 1, 1);

@@ -117,7 +117,7 @@ RUN = "run"  # the owner of trainer options in OptionSpec.method
 
 
 # The UNet layers a run adapts: DreamBooth's attention, kohya's transformer blocks, or those and the
-# resnets' convolutions (kohya's LoCon; LoRA and LoRA-Dash: the trainer refuses it for the others).
+# resnets' convolutions (kohya's LoCon; LoRA, LoRA-Dash and DoRA: the trainer refuses it for the others).
 UNET_LAYERS = ("attention", "transformer", "transformer,resnets")
 
 
@@ -127,7 +127,7 @@ def run_option_specs() -> list[OptionSpec]:
     layers = OptionSpec(RUN, "unet_target_modules", "choice", UNET_LAYERS[0],
                         "UNet layers to adapt: attention (diffusers' default), transformer (kohya's: every linear "
                         "of the transformer blocks), transformer,resnets (kohya's LoCon: the convolutions too; "
-                        "LoRA and LoRA-Dash only)", UNET_LAYERS, many=True)
+                        "LoRA, LoRA-Dash and DoRA only)", UNET_LAYERS, many=True)
     return [*field_specs(DreamBoothConfig, RUN, RUN_OPTIONS), layers]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..adapters import CLIP_ATTENTION, METHODS, UNET_ATTENTION, AdapterConfig, ConfigError, get_method
-from ..adapters.base import conv_methods, conv_targets
+from ..adapters.base import conv_methods, conv_methods_text, conv_targets
 from ..adapters.config import check_fields, expand_target_sets, option, require
 from ..eval.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
@@ -42,7 +42,7 @@ class DreamBoothConfig:
     unet_target_modules: list[str] = option(list(UNET_ATTENTION), "UNet module-name suffixes to adapt, or "
                                             "named sets: attention (the default), transformer (every linear "
                                             "of the transformer blocks, as kohya's LoRA), resnets (the "
-                                            "resnets' and samplers' convolutions, kohya's LoCon; LoRA and LoRA-Dash)")
+                                            "resnets' and samplers' convolutions, kohya's LoCon; LoRA, LoRA-Dash and DoRA)")
     train_text_encoder: bool = option(False, "also adapt both CLIP text encoders")
     text_encoder_target_modules: list[str] = option(list(CLIP_ATTENTION), "text-encoder module suffixes")
     text_encoder_lr: float | None = option(None, "learning rate of the text-encoder adapters (default: --learning_rate)")
@@ -143,7 +143,7 @@ class DreamBoothConfig:
         convs = conv_targets(self.unet_target_modules)
         require(not convs or self.adapter in conv_methods(),
                 f"--unet_target_modules names convolutions ({', '.join(convs[:3])}), which only --adapter "
-                f"{' or '.join(conv_methods())} adapt (kohya's LoCon); {self.adapter} adapts linear layers: "
+                f"{conv_methods_text()} adapt (kohya's LoCon); {self.adapter} adapts linear layers: "
                 "drop resnets or change --adapter")
         require(bool(self.pretrained_model_name_or_path), "--pretrained_model_name_or_path is required")
         require(bool(self.instance_data_dir), "--instance_data_dir is required")

@@ -147,13 +147,13 @@ def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
 def check_recipe(recipe: str, methods: list[str]) -> None:
     """Refuse, before anything trains, a recipe whose targets a method cannot adapt (``locon``'s
     convolutions: ``conv_methods`` only)."""
-    from ..adapters.base import conv_methods, conv_targets
+    from ..adapters.base import conv_methods, conv_methods_text, conv_targets
 
     convs = conv_targets(RECIPES.get(recipe, {}).get("unet_target_modules", []))
     refused = [m for m in methods if m not in conv_methods()] if convs else []
     if refused:
         raise ValueError(f"recipe {recipe} adapts the resnets' convolutions ({', '.join(convs[:2])}, …), which "
-                         f"only {' and '.join(conv_methods())} can: drop {', '.join(refused)} from --methods")
+                         f"only {conv_methods_text('and')} can: drop {', '.join(refused)} from --methods")
 
 
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,

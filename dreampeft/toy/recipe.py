@@ -59,7 +59,7 @@ RECIPES: dict[str, dict] = {
     # sks object" images after 1,000 steps and 86–98% after 2,000 (two runs); attention alone 29%,
     # the resnets alone 25% at 1,000 (README).
     "transformer": {**PRIOR, "unet_target_modules": ["transformer"], "train_batch_size": 5},
-    # kohya's LoCon: the resnets' convolutions too (LoRA and LoRA-Dash only), with the bare class prompt's
+    # kohya's LoCon: the resnets' convolutions too (LoRA, LoRA-Dash and DoRA only), with the bare class prompt's
     # images — the design under which the whole UNet composed the star (README, session 16).
     "locon": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
               "class_captions": "plain"},
