@@ -240,6 +240,35 @@ def test_sweep_cli_marks_the_best_rate_per_method(tmp_path, capsys):
     assert "--variants: moonlight; choose from plain," in capsys.readouterr().err
 
 
+def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(tmp_path, capsys):
+    """The strength study loads a bench's saved runs and draws its prompts at each scale: at ×1 it
+    must reproduce the bench's own figures (same weights, prompts and seeds), at ×0.5 it averages the
+    same training seeds; folders that hold no runs and scales that are not positive are refused."""
+    import json
+
+    from dreampeft.toy.__main__ import main
+
+    bench_dir, out = tmp_path / "bench", tmp_path / "scales"
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--recipe",
+                 "plain", "--subjects", "star", "--drift_captions", "2", "--out", str(bench_dir)]) == 0
+    capsys.readouterr()
+    assert main(["scales", str(bench_dir), "--scales", "0.5,1", "--seeds", "1", "--drift_captions", "2",
+                 "--out", str(out)]) == 0
+    assert "| lora ×0.5 |" in capsys.readouterr().out and (out / "scales-star.png").exists()
+    bench = json.loads((bench_dir / "results.json").read_text())["results"]
+    study = json.loads((out / "scales.json").read_text())["results"]
+    assert set(study) == {"base/star", "lora ×0.5/star", "lora ×1/star"}
+    for ours, theirs in ((study["lora ×1/star"], bench["lora/star"]), (study["base/star"], bench["base/star"])):
+        for key in ("subject", "instance", "prompt", "drift"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
+    assert [r["run"] for r in study["lora ×0.5/star"]["runs"]] == ["star-lora-0", "star-lora-1"]
+    for bad, flag in (([str(tmp_path)], str(tmp_path)), ([str(bench_dir), "--scales", "0,1"], "--scales")):
+        with pytest.raises(SystemExit):
+            main(["scales", *bad, "--out", str(tmp_path / "x")])
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path):
     import json
 

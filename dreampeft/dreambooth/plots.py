@@ -80,3 +80,27 @@ def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject: str, path: Path,
+                 prompt_share: float = 0.9) -> Path:
+    """Subject against prompt fidelity along adapter scales: per method (``lines``: name → [(scale,
+    cell)]) a line through its scales, each point ± one sd and labelled with its scale; the base
+    as a black cross and a dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    ax.scatter([base["prompt"]], [base["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
+    ax.axvline(prompt_share * base["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
+    for name, points in lines.items():
+        x, y = [c["prompt"] for _, c in points], [c["subject"] for _, c in points]
+        bar = ax.errorbar(x, y, xerr=[c.get("prompt_sd", 0) for _, c in points],
+                          yerr=[c.get("subject_sd", 0) for _, c in points], fmt="o-", ms=5, capsize=3, label=name)
+        for (scale, _), xi, yi in zip(points, x, y):
+            ax.annotate(f"×{scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=bar[0].get_color())
+    ax.set(xlabel="prompt fidelity", ylabel=f"subject fidelity: {subject}", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

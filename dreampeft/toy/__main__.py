@@ -5,6 +5,7 @@
     python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer|locon] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
+    python -m dreampeft.toy scales BENCH_OUT [RUN ...] [--scales 0.5,0.75,1] [--out toy_scales]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from . import TOY_MODEL
 from ..adapters import METHODS, ConfigError
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
                      "(for the methods that have it)")
     swp.add_argument("--out", default="toy_sweep")
+    sca = sub.add_parser("scales", help="saved bench runs redrawn at lower adapter strengths (the LoRA weight slider)")
+    sca.add_argument("runs", nargs="+", help="bench --out folders (every run under runs/) or single run folders")
+    sca.add_argument("--model", default=str(TOY_MODEL))
+    sca.add_argument("--scales", default="0.5,0.75,1", help="adapter scales, e.g. 0.5,0.75,1 (1: as trained)")
+    sca.add_argument("--seeds", type=int, default=4, help="images per recontext prompt")
+    sca.add_argument("--drift_captions", type=int, default=DRIFT_CAPTIONS, help="world captions per drift "
+                     "measurement; 0 leaves it out")
+    sca.add_argument("--out", default="toy_scales")
     return p
 
 
@@ -94,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.set_progress_bar_config(disable=True)
         sample_grid(pipe, args.seed).save(args.out)
         print(f"rows: circle, square, triangle, diamond; columns: red … orange → {args.out}")
+    elif args.command == "scales":
+        _scales(p, args)
     else:
         try:
             methods = parse_methods(args.methods)
@@ -138,17 +150,36 @@ def _subjects(p, text: str) -> list[str]:
     return names
 
 
-def _sweep(p, args, methods: list[str]) -> None:
-    from pathlib import Path
+def _numbers(p, flag: str, text: str, what: str) -> list[float]:
+    try:
+        values = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        p.error(f"{flag}: give {what}, comma-separated, e.g. 0.5,1,2 (got {text!r})")
+    return values
 
+
+def _scales(p, args) -> None:
+    from .scales import bench_runs, scale_study
+
+    scales = _numbers(p, "--scales", args.scales, "positive adapter scales")
+    if args.seeds < 1 or args.drift_captions < 0:
+        p.error(f"scales: --seeds must be at least 1 and --drift_captions 0 or more (got {args.seeds}, "
+                f"{args.drift_captions})")
+    try:
+        runs = bench_runs(args.runs)
+    except ValueError as exc:
+        p.error(str(exc))
+    scale_study(args.model, runs, scales, args.out, args.seeds, args.drift_captions, log=lambda m: print(m, flush=True))
+    print((Path(args.out) / "scales.md").read_text())
+    print(f"plots (subject against prompt fidelity along the scales) → {args.out}/scales-*.png")
+
+
+def _sweep(p, args, methods: list[str]) -> None:
     from .bench import sweep_lr
 
-    try:
-        factors = [float(f) for f in args.factors.split(",") if f]
-    except ValueError:
-        p.error(f"--factors: {args.factors!r} is not a comma-separated list of numbers (e.g. 0.5,1,2)")
-    if not factors or min(factors) <= 0:
-        p.error(f"--factors: give positive multipliers of the default rate (got {args.factors!r})")
+    factors = _numbers(p, "--factors", args.factors, "positive multipliers of the default rate")
     grid = None
     if args.grid:
         key, _, values = args.grid.partition("=")

@@ -202,7 +202,8 @@ def summarise(runs: list[dict]) -> dict:
     cell = {k: float(np.mean([r[k] for r in runs])) for k in runs[0] if isinstance(runs[0][k], (int, float))}
     for k in [k for k in ("subject", "prompt", "instance", "drift") if k in runs[0]]:
         cell[f"{k}_sd"] = float(np.std([r[k] for r in runs], ddof=1)) if len(runs) > 1 else 0.0
-    cell["trainable"] = runs[0]["trainable"]
+    if "trainable" in runs[0]:  # a count, not a measurement: every seed's is the same
+        cell["trainable"] = runs[0]["trainable"]
     return {**cell, "runs": runs}
 
 
