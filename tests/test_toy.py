@@ -174,19 +174,27 @@ def test_the_bench_recipe_keeps_prompt_fidelity(toy, tmp_path):
 
 def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_path, capsys):
     """The bench with the full recipe: every cell is a mean over training seeds with its standard
-    deviation, the class images are the base's with their captions, and each subject has a Pareto plot."""
+    deviation, the class images are the base's with their captions, each subject has a Pareto plot,
+    and ``--lr_factor`` scales the method's toy rate in every run (a non-positive one is refused)."""
     import json
 
     from PIL import Image
 
+    from dreampeft.presets import method_preset
     from dreampeft.toy.__main__ import main
     from dreampeft.toy.recipe import CLASS_IMAGES, RECIPES
 
-    assert main(["bench", "--methods", "mora", "--steps", "2", "--seeds", "1", "--train_seeds", "2",
-                 "--recipe", "full", "--subjects", "star", "--drift_captions", "3", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--lr_factor", "0", "--out", str(tmp_path / "refused")])
+    assert "--lr_factor must be positive" in capsys.readouterr().err
+    assert main(["bench", "--methods", "mora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--lr_factor",
+                 "0.5", "--recipe", "full", "--subjects", "star", "--drift_captions", "3", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
     results = saved["results"]
-    assert set(results) == {"base/star", "mora/star"}
+    assert set(results) == {"base/star", "mora/star"} and saved["lr_factor"] == 0.5
+    for seed in (0, 1):
+        config = json.loads((tmp_path / "runs" / f"star-mora-{seed}" / "dreambooth_config.json").read_text())
+        assert config["learning_rate"] == method_preset("toy", "mora").lr / 2
     assert saved["train_seeds"] == 2 and saved["recipe_options"] == json.loads(json.dumps(RECIPES["full"]))
     asked_n = sum(len(a) for a in RECONTEXT.values())  # prompt fidelity counts each requested attribute
     for subject in ["star"]:

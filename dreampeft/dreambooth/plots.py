@@ -63,17 +63,14 @@ def pareto_plot(runs: dict[str, list[dict]], path: Path, chosen: dict[str, int] 
     return path
 
 
-def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
-    """Subject against prompt fidelity, one point per method ± one standard deviation over its
-    training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross."""
+def _subject_axes():
+    """A figure for subject against prompt fidelity (the method and scale Pareto plots)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
-    for name, r in cells.items():
-        if name == "base":
-            ax.scatter([r["prompt"]], [r["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
-        else:
-            ax.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
-                        fmt="o", ms=7, capsize=3, label=name)
+    return plt, fig, ax
+
+
+def _save_subject_plot(plt, fig, ax, subject: str, path: Path) -> Path:
     ax.set(xlabel="prompt fidelity", ylabel=f"subject fidelity: {subject}", xlim=(0, 1.02), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -82,13 +79,25 @@ def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
     return path
 
 
+def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
+    """Subject against prompt fidelity, one point per method ± one standard deviation over its
+    training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross."""
+    plt, fig, ax = _subject_axes()
+    for name, r in cells.items():
+        if name == "base":
+            ax.scatter([r["prompt"]], [r["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
+        else:
+            ax.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
+                        fmt="o", ms=7, capsize=3, label=name)
+    return _save_subject_plot(plt, fig, ax, subject, path)
+
+
 def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject: str, path: Path,
                  prompt_share: float = 0.9) -> Path:
     """Subject against prompt fidelity along adapter scales: per method (``lines``: name → [(scale,
     cell)]) a line through its scales, each point ± one sd and labelled with its scale; the base
     as a black cross and a dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5), constrained_layout=True)
+    plt, fig, ax = _subject_axes()
     ax.scatter([base["prompt"]], [base["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
     ax.axvline(prompt_share * base["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
     for name, points in lines.items():
@@ -98,9 +107,4 @@ def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject
         for (scale, _), xi, yi in zip(points, x, y):
             ax.annotate(f"×{scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=bar[0].get_color())
-    ax.set(xlabel="prompt fidelity", ylabel=f"subject fidelity: {subject}", xlim=(0, 1.02), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save_subject_plot(plt, fig, ax, subject, path)

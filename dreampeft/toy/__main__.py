@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     ben.add_argument("--subjects", default=",".join(SUBJECTS))
     ben.add_argument("--drift_captions", type=int, default=DRIFT_CAPTIONS, help="world captions drawn per run "
                      "for the drift column (shape words kept); 0 leaves it out")
+    ben.add_argument("--lr_factor", type=float, default=1.0, help="every method's toy preset rate times this "
+                     "(e.g. 0.5, as a sweep on the tuning subject suggests)")
     ben.add_argument("--out", default="toy_bench")
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
@@ -135,8 +137,11 @@ def _bench(p, args, methods: list[str]) -> None:
     subjects = _subjects(p, args.subjects)
     if args.drift_captions < 0:
         p.error(f"bench: --drift_captions must be 0 or more (got {args.drift_captions})")
+    if not args.lr_factor > 0:
+        p.error(f"bench: --lr_factor must be positive (got {args.lr_factor}); 1 keeps the toy presets' rates")
     results = run_bench(args.model, args.out, methods, args.steps, args.seeds, subjects, args.train_seeds,
-                        recipe=args.recipe, drift=args.drift_captions, log=lambda m: print(m, flush=True))
+                        recipe=args.recipe, drift=args.drift_captions, lr_factor=args.lr_factor,
+                        log=lambda m: print(m, flush=True))
     print(results_table(results, ["base", *methods], subjects))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {args.out}/grid.png")

@@ -158,8 +158,9 @@ def check_recipe(recipe: str, methods: list[str]) -> None:
 
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,
               seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "prior",
-              drift: int = DRIFT_CAPTIONS, log=print) -> dict:
-    """Train every method on every subject ``train_seeds`` times with ``recipe``, generate the
+              drift: int = DRIFT_CAPTIONS, lr_factor: float = 1.0, log=print) -> dict:
+    """Train every method on every subject ``train_seeds`` times with ``recipe`` (each at its toy
+    preset's rate times ``lr_factor``), generate the
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
     ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``. ``steps``: by default
     the recipe's (``recipe.STEPS``, else BENCH_STEPS); ``drift``: world captions per drift measurement
@@ -179,8 +180,8 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
             runs = []
             for seed in range(train_seeds):
                 r, images = _learn(pipe, judge, model_dir, folder, subject, method,
-                                   out / "runs" / f"{subject}-{method}-{seed}", steps, seeds, seed=seed, drift=drift,
-                                   **options)
+                                   out / "runs" / f"{subject}-{method}-{seed}", steps, seeds,
+                                   method_preset(TOY, method).lr * lr_factor, seed=seed, drift=drift, **options)
                 runs.append(r)
                 grid += [images[::seeds]] if seed == 0 else []
                 log(f"{subject} {method} seed {seed}: subject {r['subject']:.3f} (own prompt {r['instance']:.3f}), "
@@ -191,6 +192,7 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     image_grid(grid).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(
         {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe, "drift_captions": drift,
+         "lr_factor": lr_factor,
          "recipe_options": RECIPES[recipe], "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, ["base", *methods], subjects) + "\n")
     return results

@@ -74,7 +74,10 @@ def scale_study(model_dir: str | Path, runs: list[Path], scales: list[float], ou
             unload(pipe)
     results.update({f"{row}/{subject}": summarise(rs) for (row, subject), rs in cells.items()})
     rows = ["base", *(row_name(m, s) for m in methods for s in scales)]
-    rows = [r for r in rows if all(f"{r}/{s}" in results for s in subjects)]
+    if partial := [r for r in rows if not all(f"{r}/{s}" in results for s in subjects)]:
+        log(f"not in scales.md (runs for only some of {', '.join(subjects)}; in scales.json and the plots): "
+            + ", ".join(partial))
+    rows = [r for r in rows if r not in partial]
     for subject in subjects:
         lines = {m: [(s, results[f"{row_name(m, s)}/{subject}"]) for s in scales
                      if f"{row_name(m, s)}/{subject}" in results] for m in methods}
