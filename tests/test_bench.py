@@ -98,3 +98,8 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
                for c in captions)  # DreamBooth's class prompt: the instance prompt less "sks"
     plain = bench.write_class_images(pipe, tmp_path / "class_plain", n=3, **bench.CLASS_CAPTIONS["plain"])
     assert [f.read_text() for f in sorted(plain.glob("class-*.txt"))] == ["a object\n"] * 3  # nothing else named
+    shapes = bench.write_class_images(pipe, tmp_path / "class_shapes", n=3, **bench.CLASS_CAPTIONS["shapes"])
+    from dreampeft.toyworld import OBJECT_COLOURS
+
+    named = [f.read_text().split() for f in sorted(shapes.glob("class-*.txt"))]  # "a red circle": the words
+    assert all(len(w) == 3 and w[1] in OBJECT_COLOURS and w[2] in SHAPES for w in named)  # drift measures, only

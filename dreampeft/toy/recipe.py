@@ -24,7 +24,11 @@ base's prompt fidelity, the others 0.10–0.20, the striped ball ≤ 0.001
 (``bench/results/toy_subject_probes.md``). ``locon`` (``transformer`` plus the resnets' convolutions,
 kohya's LoCon, with class images of the bare "a object"; LoRA and LoRA-Dash): star 0.53 ± 0.15 and
 0.43 ± 0.12, striped ball 0.23 ± 0.08 and 0.33 ± 0.08, at 0.65–0.81× the base's prompt fidelity and
-drift 0.28–0.35 against the base's 0.55 (``bench/results/toy_bench_locon_recipe.md``).
+drift 0.28–0.35 against the base's 0.55 (``bench/results/toy_bench_locon_recipe.md``; DoRA, session
+17: 0.47 ± 0.14 and 0.35 ± 0.22 at 0.54–0.63×). ``locon_shapes`` (the class images captioned with their
+colour and shape only, "a red triangle"; LoRA): drift 0.43 / 0.41 kept, but star 0.36 ± 0.06 and
+striped ball 0.17 ± 0.11 at prompt 0.45 / 0.44 — no better trade than ``locon`` at half strength
+(``bench/results/toy_bench_locon_shapes_recipe.md``, ``toy_scales_locon.md``).
 """
 
 from __future__ import annotations
@@ -44,9 +48,12 @@ CLASS_IMAGES = 48
 # How class images are captioned (``write_class_images``'s arguments): the full world caption that
 # names every attribute; DreamBooth's design, the instance prompt less "sks" with some attributes
 # named; DreamBooth's bare class prompt "a object". What the prior term keeps is what its captions
-# name (README: the world and object designs block the star from new contexts, plain lets it in).
-CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0}}
-STEPS = {"transformer": 1000, "locon": 1000}  # a recipe's steps when the bench is not given --steps
+# name (README: the world and object designs block the star from new contexts, plain lets it in);
+# "shapes" names the colour and shape and nothing else ("a red circle"): the words drift measures,
+# none of the backgrounds, corners or sizes the subject must be let into.
+CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0},
+                  "shapes": {"mention_p": 0.0}}
+STEPS = {"transformer": 1000, "locon": 1000, "locon_shapes": 1000}  # a recipe's steps when the bench is not given --steps
 DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is explained)
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
@@ -63,6 +70,9 @@ RECIPES: dict[str, dict] = {
     # images — the design under which the whole UNet composed the star (README, session 16).
     "locon": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
               "class_captions": "plain"},
+    # locon with a prior that keeps the base's shape words and names nothing the subject must enter
+    "locon_shapes": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                     "class_captions": "shapes"},
     "full": {**PRIOR, "masked_loss": True, "mask_background_weight": 0.2,
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
