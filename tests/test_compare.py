@@ -39,3 +39,23 @@ def test_compare_needs_prompts(tiny_sdxl, capsys):
     assert main(["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir", "x",
                  "--instance_prompt", "p", "--no_metrics"]) == 2
     assert "give --prompts or --subject" in capsys.readouterr().err
+    assert main(["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir", "x",
+                 "--instance_prompt", "p", "--prompts", "a", "--no_metrics", "--scale", "9"]) == 2
+    assert "--scale must be between -4 and 4" in capsys.readouterr().err
+
+
+def test_compare_at_scale_zero_generates_the_base_images(tiny_sdxl, tmp_path, capsys):
+    """--scale is the strength every method's adapter generates at: at 0 each method's images are the
+    base model's, pixel for pixel (the runs themselves are trained as usual)."""
+    import numpy as np
+
+    out = tmp_path / "cmp"
+    assert main(["--pretrained_model_name_or_path", str(tiny_sdxl), "--instance_data_dir", str(ASSETS / "subject"),
+                 "--instance_prompt", "a photo of sks toy", "--methods", "lora", "--max_train_steps", "2",
+                 "--resolution", "64", "--prompts", "a sks toy,a sks toy on a beach", "--inference_steps", "1",
+                 "--learning_rates", "lora=1e-2", "--no_metrics", "--scale", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["scale"] == 0
+    for i in range(2):
+        base, lora = (np.asarray(Image.open(out / "images" / row / f"{i:02d}.png")) for row in ("base", "lora"))
+        assert np.array_equal(base, lora)
+    assert "adapters at ×0" in capsys.readouterr().out
