@@ -33,7 +33,7 @@ from .adapters import METHODS, ConfigError
 from .dreambooth import DreamBoothConfig, DreamBoothError, train
 from .dreambooth.data import scan_folder
 from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluation_prompts
-from .pipeline import load_into_pipeline, unload
+from .pipeline import check_scale, load_into_pipeline, unload
 from .presets import RESOLUTION, method_preset, parse_methods, preset_of
 from .toy import TOY_MODEL
 from .toy.evaluate import find_judge, is_toy, judge_similarity
@@ -169,8 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                    else evaluation_prompts(args.subject, args.live) if args.subject else None)
         if not prompts:
             raise ConfigError("give --prompts or --subject (for the DreamBooth prompts)")
-        if not -4 <= args.scale <= 4:
-            raise ConfigError(f"--scale must be between -4 and 4 (got {args.scale}); 1 generates as trained")
+        check_scale(args.scale, "--scale")
         methods = parse_methods(args.methods)
         try:
             lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.learning_rates.split(",") if kv)}

@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters import AdapterLayer
+from .adapters import AdapterLayer, ConfigError
 from .inject import _set_submodule, adapter_layers, merge_adapters, remove_adapters, unmerge_adapters
 from .state import AdapterFileError, build_layers, check_fits, open_adapter
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DEFAULT_NAME = "default"
+MAX_SCALE = 4  # the strengths the app and compare accept: beyond ±4 an adapter only saturates the model
+
+
+def check_scale(scale: float, name: str = "adapter scale") -> None:
+    """Refuse an adapter strength outside ±MAX_SCALE, naming the field or flag (``name``)."""
+    if not -MAX_SCALE <= float(scale) <= MAX_SCALE:
+        raise ConfigError(f"{name} must be between -{MAX_SCALE} and {MAX_SCALE} (got {scale})")
 
 
 class AdapterBlend(nn.Module):

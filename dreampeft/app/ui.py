@@ -22,6 +22,7 @@ from ..eval import EvalError
 from .forms import (IMAGE_SUFFIXES, RUN, TRISTATE, UploadError, check_uploads, option_specs, options_from_values,
                     run_option_specs, stage_uploads)
 from .jobs import JobQueue
+from ..pipeline import check_scale
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
@@ -61,8 +62,7 @@ def check_generation(seed, n, steps, resolution, scale) -> None:
             raise ConfigError(f"{name} must be between {low} and {high} (got {value})")
     if int(resolution) % 8:
         raise ConfigError(f"resolution {resolution}: use a multiple of 8")
-    if not -4 <= float(scale) <= 4:
-        raise ConfigError(f"adapter scale must be between -4 and 4 (got {scale})")
+    check_scale(scale)
 
 
 class App:
