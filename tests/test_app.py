@@ -69,6 +69,26 @@ def test_every_method_option_has_a_control_and_round_trips():
                          adapter=method, adapter_options=options_from_values(specs, values, method))
 
 
+@pytest.mark.parametrize("text, expected", [("", None), ("  ", None), ("8", 8.0), (" 2.5 ", 2.5), (4, 4.0),
+                                             ("many", "'many' is not a number; leave it blank"),
+                                             ("4.5", "4.5 is not a whole number")])
+def test_optional_numbers_are_text_where_blank_means_the_default(text, expected):
+    """Optional numbers (LoRA's alpha and conv rank, --snr_gamma) are text boxes in the form: a number
+    box sends 0 for blank once it has been shown, and alpha 0 or --snr_gamma 0 is not "the default"."""
+    from dreampeft.app.forms import RUN, run_option_specs
+
+    specs = option_specs(["lora"]) + run_option_specs()
+    name = "conv_r" if expected == "4.5 is not a whole number" else "alpha"
+    values = [text if s.name == name else s.default for s in specs]
+    gamma = [text if s.name == "snr_gamma" else s.default for s in specs]
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=expected):
+            options_from_values(specs, values, "lora")
+        return
+    assert options_from_values(specs, values, "lora") == ({} if expected is None else {"alpha": expected})
+    assert options_from_values(specs, gamma, RUN).get("snr_gamma", "unset") == ("unset" if expected is None else expected)
+
+
 def test_unet_layers_choice_reaches_the_trainer_and_locon_is_lora_only():
     """The app's UNet-layers control: kohya's LoCon set becomes the trainer's target list; a method
     that cannot adapt convolutions is refused while the config is built, before anything is queued."""

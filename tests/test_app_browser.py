@@ -103,6 +103,9 @@ def test_unreachable_model_is_a_message_in_the_ui(page):
 
 def test_upload_train_generate_compare(page):
     steps = int(os.environ.get("DREAMPEFT_SCREENSHOT_STEPS", 6)) if os.environ.get("DREAMPEFT_SCREENSHOT") else 6
+    # both accordions opened, as a curious user does: shown, a blank number box used to send 0 (alpha 0, --snr_gamma 0)
+    page.get_by_text("Method options").click()
+    page.get_by_text("Training options").click()
     _fill_training(page, steps)
     page.locator("#validate_every input").fill(str(steps // 2))
     page.get_by_label("fourierft").check()

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ..adapters import METHODS, AdapterConfig
+from ..adapters import METHODS, AdapterConfig, ConfigError
 from ..dreambooth.data import IMAGE_EXTENSIONS, DreamBoothError, load_image, size_problem
 
 IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))
@@ -142,12 +142,32 @@ def options_from_values(specs: list[OptionSpec], values: list, method: str) -> d
             continue
         if spec.kind == "bool" and spec.optional:
             value = TRISTATE[value] if value in TRISTATE else bool(value)
-        elif spec.kind == "int":
-            value = int(value)
-        elif spec.kind == "float":
-            value = float(value)
+        elif spec.kind in ("int", "float"):
+            value = _number(spec, value)
+            if value is None:
+                continue
         elif spec.kind == "choice":
             value = value.split(",") if spec.many else type(spec.choices[0])(value)
         if value != spec.default:
             options[spec.name] = value
     return options
+
+
+def _number(spec: OptionSpec, value) -> int | float | None:
+    """A number field's value; an optional one is a text box (``ui.App._control``: Gradio's number
+    box turns blank into 0 once it is shown, which would train with alpha 0 or --snr_gamma 0), so
+    blank text is None — the default rule — and anything else must read as a number."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{spec.name}: {value!r} is not a number; leave it blank for the default") from None
+    if spec.kind == "int":
+        if value != int(value):
+            raise ConfigError(f"{spec.name}: {value:g} is not a whole number")
+        return int(value)
+    return float(value)
+

@@ -279,8 +279,8 @@ class App:
                                [jobs, samples, downloads, curves, pareto, gen_inputs[-1]])
             # resolution ×2, learning rates, method options (the trainer options keep what was set)
             preset_widgets = [train_inputs[6], gen_inputs[5], *train_inputs[9:len(train_inputs) - len(self.run_specs)]]
-            model.change(lambda m: preset_defaults(m) or (gr.skip(),) * len(preset_widgets), model,
-                         preset_widgets)
+            model.change(lambda m: tuple("" if v is None else v for v in preset_defaults(m) or ())  # blank: default
+                         or (gr.skip(),) * len(preset_widgets), model, preset_widgets)
         return demo
 
     def _training_widgets(self, gr, model):
@@ -323,8 +323,10 @@ class App:
             return gr.Checkbox(value, label=spec.name, info=spec.help)
         if spec.kind == "choice":
             return gr.Dropdown(list(spec.choices), value=value, label=spec.name, info=spec.help)
-        return gr.Number(value, label=spec.name + (" (blank: default)" if spec.optional else ""),
-                         info=spec.help, precision=0 if spec.kind == "int" else None)
+        if spec.optional:  # a number box turns blank into 0 once shown: text, parsed by forms._number
+            return gr.Textbox("" if value is None else str(value), label=spec.name + " (blank: default)",
+                              info=spec.help)
+        return gr.Number(value, label=spec.name, info=spec.help, precision=0 if spec.kind == "int" else None)
 
     def _generation_widgets(self, gr, model):
         with gr.Row():
