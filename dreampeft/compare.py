@@ -36,7 +36,7 @@ from .eval import DEFAULT_CLIP, DEFAULT_DINO, EvalError, FidelityScorer, evaluat
 from .pipeline import check_scale, load_into_pipeline, unload
 from .presets import RESOLUTION, method_preset, parse_methods, preset_of
 from .toy import TOY_MODEL
-from .toy.evaluate import find_judge, is_toy, judge_similarity
+from .toy.evaluate import find_judge, is_toy, judge_object_agreement, judge_similarity
 from .utils import image_grid, quiet_libraries
 
 
@@ -88,6 +88,7 @@ def compare(base: DreamBoothConfig, methods: list[str], prompts: list[str], out:
                           if k in ("dino", "clip_i", "clip_t")})
         if judge is not None:
             entry["toy_judge"] = judge_similarity(judge, real, images)
+            entry["toy_object"] = judge_object_agreement(judge, real, images)
     return results
 
 
@@ -116,9 +117,9 @@ def write_tables(results: dict, out: Path, prompts: list[str], scale: float = 1.
                                                  indent=1) + "\n")
     cols = [("trainable", "{:,}"), ("file_kib", "{:.1f}"), ("train_s", "{:.1f}"), ("peak_mib", "{:.0f}"),
             ("dino", "{:.4f}"), ("clip_i", "{:.4f}"), ("clip_t", "{:.4f}"), ("toy_judge", "{:.4f}"),
-            ("best_step", "{}"), ("best_subject", "{:.3f}"), ("best_prompt", "{:.3f}"),
+            ("toy_object", "{:.4f}"), ("best_step", "{}"), ("best_subject", "{:.3f}"), ("best_prompt", "{:.3f}"),
             ("last_subject", "{:.3f}"), ("last_prompt", "{:.3f}")]
-    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T | toy judge | best step "
+    lines = ["| method | trainable | file KiB | train s | peak MiB | DINO | CLIP-I | CLIP-T | toy judge | toy object | best step "
              "| subject (best) | prompt (best) | subject (last) | prompt (last) |", "|---|" + "---:|" * len(cols)]
     for row, r in results.items():
         lines.append(f"| {row} | " + " | ".join(fmt.format(r[k]) if k in r else "–" for k, fmt in cols) + " |")

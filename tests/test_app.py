@@ -212,6 +212,56 @@ def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):
     assert all(np.array_equal(np.asarray(off[0][0]), np.asarray(img)) for img, _ in off)  # scale 0 = base
 
 
+def test_strength_study_redraws_every_run_at_each_strength(trained_app, tiny_sdxl):
+    from dreampeft.app.strength import STRENGTH_COLUMNS
+
+    plot, table, message = trained_app.strength_study(str(tiny_sdxl), "a photo of sks star", 3, 2, 2, 64, "0, 0.5, 1")
+    assert Path(plot).parent == trained_app.public_dir / "studies" and Image.open(plot).format == "PNG"
+    runs = ["lora (run 1)", "fourierft (run 2)"]
+    assert [r[:2] for r in table] == [["base", 0.0]] + [[run, s] for run in runs for s in (0.0, 0.5, 1.0)]
+    assert len(STRENGTH_COLUMNS) == len(table[0]) and "2 run(s) × 3 strength(s) × 2 image(s)" in message
+    base, lora0, lora_half, lora1 = table[:4]
+    assert lora0[2:] == base[2:]  # strength 0 draws the base's images: the same scores to the digit
+    assert lora1[2:] != base[2:] and lora_half[2:] not in (base[2:], lora1[2:])
+    _, scores, _ = trained_app.generate(str(tiny_sdxl), "a photo of sks star", 3, 2, 2, 64, 1.0)
+    assert lora1[2:] == [scores[1][1], scores[1][3]]  # ×1 is what Generate draws: DINO and CLIP-T there
+
+
+@pytest.mark.parametrize("strengths, message", [
+    ("", "give one or more numbers"), ("0.5, strong", "'strong' is not a number"),
+    ("0.5, 5", "each strength must be between -4 and 4"), (",".join(str(i / 10) for i in range(9)), "at most 8"),
+])
+def test_strength_study_refuses_bad_input_with_a_message(trained_app, tiny_sdxl, tmp_path, strengths, message):
+    plot, table, note = trained_app.strength_study(str(tiny_sdxl), "a photo of sks star", 0, 1, 2, 64, strengths)
+    assert (plot, table) == (None, []) and message in note
+    fresh = App(tmp_path, model=str(tiny_sdxl))  # nothing trained on it yet
+    assert "train a method first" in fresh.strength_study(str(tiny_sdxl), "p", 0, 1, 2, 64, "1")[2]
+
+
+def test_unloadable_dino_is_tried_once_and_the_toy_judge_still_scores(tmp_path, monkeypatch):
+    """Offline, loading DINO/CLIP waits out the hub client's retries (~45 s): once per app session,
+    not on every Generate click; the toy's judge columns fill in regardless."""
+    from dreampeft.eval import EvalError
+    from dreampeft.toy import TOY_MODEL
+    from dreampeft.toyworld import render, subject_scenes
+
+    tries = []
+
+    def unreachable(*args):
+        tries.append(args)
+        raise EvalError("--dino_model facebook/dino-vits16: cannot load it")
+
+    monkeypatch.setattr(studio, "FidelityScorer", unreachable)
+    stars = [render(s) for s in subject_scenes("star", 4)]
+    rows = [studio.Row("base", stars[:2], real=stars), studio.Row("lora", stars[2:], real=stars, run="lora")]
+    s = studio.Studio(tmp_path, "facebook/dino-vits16", "openai/clip-vit-base-patch32")
+    for _ in range(3):
+        table, note = s.score(rows, str(TOY_MODEL), "a sks object on a blue background")
+        assert "DINO/CLIP unavailable" in note and "cannot load it" in note
+        assert all(r["toy_object"] > 0.9 and "toy_judge" in r and "dino" not in r for r in table)
+    assert len(tries) == 1
+
+
 def test_presets_resolve_offline_and_set_their_defaults(tmp_path):
     from dreampeft.app import TOY
     from dreampeft.app.ui import preset_defaults

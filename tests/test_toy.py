@@ -102,6 +102,37 @@ def test_judge_reads_the_world(toy):
         assert accuracy > 0.9, (head, accuracy)
 
 
+def test_judge_prompt_scores_what_a_prompt_asks_for(toy):
+    """The app's toy prompt fidelity: rendered scenes score ~1 for their own full captions, ~0 for
+    captions asking another background, corner and size, and nothing for a prompt that asks none."""
+    from dreampeft.toy.evaluate import judge_prompt
+
+    scenes = [sample_scene(random.Random(i), mention_p=1.0) for i in range(40)]
+    images = [render(s).resize((128, 128)) for s in scenes]  # any size: the app's resolution may differ
+    own = np.mean([judge_prompt(toy[1], [im], s.caption()) for im, s in zip(images, scenes)])
+    other = [s.caption().replace(f"on a {s.background}", "on a checkered" if s.background != "checkered" else "on a white")
+             for s in scenes]
+    wrong = np.mean([judge_prompt(toy[1], [im], c) for im, c in zip(images, other)])
+    assert own > 0.95 and wrong < own - 0.25, (own, wrong)  # one of three attributes changed
+    assert judge_prompt(toy[1], images[:2], "a sks object") is None
+
+
+def test_judge_object_agreement_reads_the_subject_not_the_background(toy):
+    """The app's toy subject score: the star in other scenes agrees with the instance images, the
+    same scenes with a circle in its place do not — where the whole-image similarity moves far less."""
+    from dataclasses import replace
+
+    from dreampeft.toy.evaluate import judge_object_agreement, judge_similarity
+
+    real = [render(s) for s in subject_scenes("star", 5)]
+    scenes = subject_scenes("star", 8, seed=1)
+    stars, circles = [render(s) for s in scenes], [render(replace(s, shape="circle")) for s in scenes]
+    agree = [judge_object_agreement(toy[1], real, g) for g in (stars, circles)]
+    similar = [judge_similarity(toy[1], real, g) for g in (stars, circles)]
+    assert agree[0] > 0.9 and agree[1] < 0.05, agree
+    assert agree[0] - agree[1] > 2 * (similar[0] - similar[1]), (agree, similar)
+
+
 def test_toy_vae_keeps_shapes_and_colours(toy):
     """Decoding is not where shapes get lost: the judge reads object and colour off the shipped
     VAE's reconstructions (measured 0.97 and 1.0 on 300 fresh scenes; a plain-MSE VAE gave 0.39, 0.43),
@@ -230,12 +261,19 @@ def test_sweep_cli_marks_the_best_rate_per_method(tmp_path, capsys):
     from dreampeft.presets import method_preset
 
     assert main(["sweep", "--methods", "lora", "--factors", "0.5,2", "--steps", "2", "--recipe", "plain",
-                 "--out", str(tmp_path)]) == 0
+                 "--train_seeds", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
     sweep, lr = json.loads((tmp_path / "sweep.json").read_text()), method_preset("toy", "lora").lr
-    assert [r["lr"] for r in sweep["runs"]] == [lr / 2, lr * 2] and sweep["best"]["lora"]["lr"] in (lr / 2, lr * 2)
+    assert [r["lr"] for r in sweep["runs"]] == [lr / 2, lr * 2]
+    best = max(sweep["runs"], key=lambda r: r["subject"] + r["prompt"])  # chosen on the mean over seeds
+    assert sweep["best"]["lora"]["lr"] == best["lr"] and sweep["train_seeds"] == 2
+    for row in sweep["runs"]:  # two training seeds per rate, each its own folder
+        assert len(row["runs"]) == 2 and row["subject"] == pytest.approx(np.mean([r["subject"] for r in row["runs"]]))
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        f"lora-{lr * f:g}-seed{s}" for f in (0.5, 2) for s in (0, 1)]
+    assert " ± " in (tmp_path / "sweep.md").read_text()
     assert sweep["subject"] == "cross" and sweep["subject"] not in SUBJECTS  # tuned off the reported subjects
     assert "(best)" in capsys.readouterr().out
-    for bad in (["--factors", "0.5,x"], ["--grid", "scaling"], ["--grid", "scaling=a,b"]):
+    for bad in (["--factors", "0.5,x"], ["--grid", "scaling"], ["--grid", "scaling=a,b"], ["--train_seeds", "0"]):
         with pytest.raises(SystemExit):
             main(["sweep", *bad])
         assert bad[0] in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -14,9 +15,9 @@ from .. import presets
 from ..dreambooth import DreamBoothConfig
 from ..dreambooth.data import scan_folder
 from ..eval import EvalError, FidelityScorer
-from ..pipeline import load_into_pipeline, unload
+from ..pipeline import load_into_pipeline, set_pipeline_scale, unload
 from ..toy import TOY_MODEL
-from ..toy.evaluate import find_judge, judge_similarity
+from ..toy.evaluate import find_judge, judge_object_agreement, judge_prompt, judge_similarity
 from ..utils import hub_reachable
 
 TOY = "dreampeft toy SDXL (offline; draws shapes, trained in this project)"
@@ -76,6 +77,8 @@ class Row:
     label: str
     images: list
     real: list = field(default_factory=list)
+    run: str = "base"  # the run a row draws with (several rows per run in a strength study)
+    scale: float = 1.0  # its adapter strength; the base's row 0
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Studio:
     _pipe: object = None
     _pipe_model: str | None = None
     _scorer: object = None
+    _scorer_error: str = ""  # why the DINO/CLIP models could not be loaded, once tried (restart to retry)
     _judges: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -101,8 +105,9 @@ class Studio:
         return self._pipe
 
     def generate(self, model: str, runs: list[tuple], prompt: str, seed: int, n: int,
-                 steps: int, resolution: int, scale: float) -> list[Row]:
-        """The base model, then each run, all on the same prompt and seeds seed..seed+n-1."""
+                 steps: int, resolution: int, scales: Sequence[float] = (1.0,)) -> list[Row]:
+        """The base model, then each run at each of ``scales`` (rows "LABEL ×S" when there are
+        several), all on the same prompt and seeds seed..seed+n-1."""
         with self._lock:
             pipe = self.pipeline(model)
 
@@ -110,11 +115,15 @@ class Studio:
                 return [pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
                              generator=torch.Generator().manual_seed(seed + i)).images[0] for i in range(n)]
 
-            rows = [Row("base", sample())]
+            rows = [Row("base", sample(), scale=0.0)]
             for label, run_dir, *adapter in runs:  # a kept checkpoint names its own adapter folder
-                load_into_pipeline(pipe, adapter[0] if adapter else run_dir, scale=scale)
+                load_into_pipeline(pipe, adapter[0] if adapter else run_dir, scale=scales[0])
                 try:
-                    rows.append(Row(label, sample(), real=_instance_images(run_dir)))
+                    real = _instance_images(run_dir)
+                    for scale in scales:
+                        set_pipeline_scale(pipe, scale)
+                        name = label if len(scales) == 1 else f"{label} ×{scale:g}"
+                        rows.append(Row(name, sample(), real=real, run=label, scale=scale))
                 finally:
                     unload(pipe)
         if runs:
@@ -123,14 +132,19 @@ class Studio:
 
     def score(self, rows: list[Row], model: str, prompt: str) -> tuple[list[dict], str]:
         """DINO / CLIP-I against each run's own subject images and CLIP-T against the prompt, plus
-        the toy judge's similarity when ``model`` has one; a note says what could not be scored."""
+        on a toy model its judge's similarity (``toy_judge``), its object agreement (``toy_object``)
+        and, when the prompt names a size, corner or background, the share of them it reads
+        (``toy_prompt``); a note says what could not be scored."""
         if any(not row.real for row in rows):
             raise EvalError("no trained run to compare against: train a method first")
         judge, note = self._judge(model), ""
         try:
             if self._scorer is None:
+                if self._scorer_error:  # tried once: offline, every click would wait out the hub client's retries
+                    raise EvalError(self._scorer_error)
                 self._scorer = FidelityScorer(self.dino_model, self.clip_model)
         except EvalError as exc:
+            self._scorer_error = str(exc)
             if judge is None:
                 raise
             note = f"DINO/CLIP unavailable ({exc})"
@@ -142,6 +156,9 @@ class Studio:
                 entry.update({k: round(s[k], 4) for k in ("dino", "clip_i", "clip_t")})
             if judge is not None:
                 entry["toy_judge"] = round(judge_similarity(judge, row.real, row.images), 4)
+                entry["toy_object"] = round(judge_object_agreement(judge, row.real, row.images), 4)
+                if (asks := judge_prompt(judge, row.images, prompt)) is not None:
+                    entry["toy_prompt"] = round(asks, 4)
             table.append(entry)
         return table, note
 

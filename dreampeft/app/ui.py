@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -24,10 +25,11 @@ from .forms import (IMAGE_SUFFIXES, RUN, TRISTATE, UploadError, check_uploads, o
 from .jobs import JobQueue
 from ..pipeline import check_scale
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
+from .strength import strength_results, strength_widgets, parse_strengths
 from .studio import PRESETS, TOY, ModelError, Studio, resolve_model
 
 JOB_COLUMNS = ["run", "method", "state", "step", "loss", "ETA", "exported step", "note"]
-SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge"]
+SCORE_COLUMNS = ["model", "dino", "clip_i", "clip_t", "toy_judge", "toy_object", "toy_prompt"]
 DOWNLOADED = ("dreampeft_adapter.safetensors", "pytorch_lora_weights.safetensors", "README.md",
               "dreambooth_config.json", "export_report.json")
 
@@ -212,16 +214,9 @@ class App:
         """Base model, every finished run on ``model`` and any kept ``checkpoints`` ("LABEL @ step N"):
         same prompt, same seeds; then scores."""
         try:
-            path = resolve_model(model, self.work_dir)
-            if not (prompt or "").strip():
-                raise ConfigError("write a prompt, e.g. 'a photo of sks object on the beach'")
-            check_generation(seed, n, steps, resolution, scale)
-            done = [j for j in self.queue.jobs if j.state == "done"]
-            runs = [(j.label, j.output_dir) for j in done
-                    if j.cfg.pretrained_model_name_or_path == path]
-            runs += self._kept(done, path, checkpoints or [])
+            path, runs = self._runs(model, prompt, seed, n, steps, resolution, scale, checkpoints)
             rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps),
-                                        int(resolution), float(scale))
+                                        int(resolution), [float(scale)])
         except (ConfigError, ModelError, DreamBoothError, ValueError) as exc:
             return [], [], f"**Cannot generate:** {exc}"
         gallery = [(img, f"{row.label} · seed {int(seed) + i}") for row in rows for i, img in enumerate(row.images)]
@@ -233,6 +228,47 @@ class App:
         scores = [[r.get(c, "–") for c in SCORE_COLUMNS] for r in table]
         note += f"Scored {len(rows)} rows × {int(n)} image(s) against the subject images."
         return gallery, scores, note + (f" {missing}." if missing else "")
+
+    def strength_study(self, model: str, prompt: str, seed: int, n: int, steps: int, resolution: int,
+                       strengths: str, checkpoints: list[str] | None = None) -> tuple[str | None, list[list], str]:
+        """Every finished run (and kept ``checkpoints``) at each of ``strengths`` on one prompt and
+        seeds, scored: the plot of subject against prompt fidelity (``strength.py``), its table, a note."""
+        try:
+            scales = parse_strengths(strengths)
+            path, runs = self._runs(model, prompt, seed, n, steps, resolution, 1.0, checkpoints)
+            if not runs:
+                raise ConfigError("no finished run on this model yet: train a method first")
+            rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps), int(resolution), scales)
+            table, missing = self.studio.score(rows, path, prompt)
+            _, cells = strength_results(rows, table, plot := self._study_path())
+        except (ConfigError, ModelError, DreamBoothError, EvalError, OSError, ValueError) as exc:
+            return None, [], f"**Cannot run the study:** {exc}"
+        return str(plot), cells, (f"{len(runs)} run(s) × {len(scales)} strength(s) × {int(n)} image(s), same "
+                                  f"seeds as the base's. {missing + '.' if missing else ''}")
+
+    def _study_path(self, keep: int = 8) -> Path:
+        """A new file for a study's plot under ``public/studies``, of which the ``keep`` newest stay
+        (a page shows the latest; two pages may each be showing one)."""
+        folder = self.public_dir / "studies"
+        folder.mkdir(parents=True, exist_ok=True)
+        studies = sorted(folder.glob("strength-*.png"), key=lambda p: p.stat().st_mtime)
+        for old in studies[:max(0, len(studies) - keep + 1)]:
+            old.unlink(missing_ok=True)
+        fd, name = tempfile.mkstemp(prefix="strength-", suffix=".png", dir=folder)
+        os.close(fd)
+        return Path(name)
+
+    def _runs(self, model: str, prompt: str, seed, n, steps, resolution, scale,
+              checkpoints: list[str] | None) -> tuple[str, list[tuple]]:
+        """The checked model path and (label, run folder[, adapter folder]) of every finished run on
+        it and each kept checkpoint chosen; raises with what to fix in the form."""
+        path = resolve_model(model, self.work_dir)
+        if not (prompt or "").strip():
+            raise ConfigError("write a prompt, e.g. 'a photo of sks object on the beach'")
+        check_generation(seed, n, steps, resolution, scale)
+        done = [j for j in self.queue.jobs if j.state == "done"]
+        runs = [(j.label, j.output_dir) for j in done if j.cfg.pretrained_model_name_or_path == path]
+        return path, runs + self._kept(done, path, checkpoints or [])
 
     @staticmethod
     def _kept(done: list, model: str, checkpoints: list[str]) -> list[tuple]:
@@ -263,6 +299,7 @@ class App:
                 gen_inputs, gen_btn, gallery, scores, gen_message = self._generation_widgets(gr, model)
                 pareto = gr.Image(label="Subject vs prompt fidelity, every evaluation of every run (★ exported, × base)",
                                   type="filepath", interactive=False, elem_id="pareto", height=360)
+                strengths, study_btn, study_plot, study_table, study_message = strength_widgets(gr)
             with gr.Row():
                 jobs = gr.Dataframe(headers=JOB_COLUMNS, label="Runs (one trains at a time; the rest wait)",
                                     interactive=False, elem_id="jobs")
@@ -275,6 +312,8 @@ class App:
             train_btn.click(self.train, train_inputs, message)
             stop_btn.click(self.stop, None, message)
             gen_btn.click(self.generate, gen_inputs, [gallery, scores, gen_message])
+            study_btn.click(self.strength_study, [*gen_inputs[:6], strengths, gen_inputs[-1]],
+                            [study_plot, study_table, study_message])
             gr.Timer(1.0).tick(self.progress, None,
                                [jobs, samples, downloads, curves, pareto, gen_inputs[-1]])
             # resolution ×2, learning rates, method options (the trainer options keep what was set)
@@ -342,7 +381,9 @@ class App:
         gallery = gr.Gallery(label="Base model and each trained adapter (same prompt and seeds)", columns=4,
                              elem_id="gallery")
         scores = gr.Dataframe(headers=SCORE_COLUMNS, label="Subject fidelity (DINO, CLIP-I vs your images; "
-                              "CLIP-T vs the prompt; toy_judge: the toy model's judge, DINO-style)", interactive=False, elem_id="scores")
+                              "CLIP-T vs the prompt; toy_judge: the toy model's judge, DINO-style; toy_object: the chance it "
+                              "reads your images' object; toy_prompt: the share of the size, corner and background asked "
+                              "that it reads)", interactive=False, elem_id="scores")
         message = gr.Markdown(elem_id="gen_message")
         checkpoints = gr.Dropdown([], value=[], multiselect=True, elem_id="checkpoints",
                                   label="Also generate with kept checkpoints (each evaluated step of a finished run)")

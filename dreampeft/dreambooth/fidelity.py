@@ -120,14 +120,13 @@ class Metrics:
             s = self.scorer.score(self.real, images, prompts)
             return {"subject": s["dino"], "prompt": s["clip_t"], "dino": s["dino"], "clip_i": s["clip_i"],
                     "clip_t": s["clip_t"]}
-        from ..toy.evaluate import judge_images, judge_similarity
-        from ..toy.models import HEADS
+        from ..toy.evaluate import attribute_hits, judge_images, judge_similarity
 
         similarity = judge_similarity(self.judge, self.real, images)
         probs = judge_images(self.judge, images)
         subject = (float(probs["object"][:, self.subject_class].mean()) if self.subject_class is not None
                    else similarity)
-        hits = [HEADS[h][int(probs[h][i].argmax())] == want for i, a in enumerate(attributes) for h, want in a.items()]
+        hits = attribute_hits(probs, attributes)
         return {"subject": subject, "prompt": sum(hits) / len(hits) if hits else float("nan"),
                 "judge_similarity": similarity}
 

@@ -70,8 +70,11 @@ def _subject_axes():
     return plt, fig, ax
 
 
-def _save_subject_plot(plt, fig, ax, subject: str, path: Path) -> Path:
-    ax.set(xlabel="prompt fidelity", ylabel=f"subject fidelity: {subject}", xlim=(0, 1.02), ylim=(0, 1.02))
+def _save_subject_plot(plt, fig, ax, subject: str, path: Path, xlabel: str = "prompt fidelity",
+                       fixed_limits: bool = True) -> Path:
+    ax.set(xlabel=xlabel, ylabel=f"subject fidelity: {subject}")
+    if fixed_limits:  # shares in [0, 1]; similarities such as CLIP-T span a narrow band: let it fill the axes
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
@@ -93,7 +96,7 @@ def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
 
 
 def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject: str, path: Path,
-                 prompt_share: float = 0.9) -> Path:
+                 prompt_share: float = 0.9, xlabel: str = "prompt fidelity", fixed_limits: bool = True) -> Path:
     """Subject against prompt fidelity along adapter scales: per method (``lines``: name → [(scale,
     cell)]) a line through its scales, each point ± one sd and labelled with its scale; the base
     as a black cross and a dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
@@ -107,4 +110,4 @@ def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject
         for (scale, _), xi, yi in zip(points, x, y):
             ax.annotate(f"×{scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=bar[0].get_color())
-    return _save_subject_plot(plt, fig, ax, subject, path)
+    return _save_subject_plot(plt, fig, ax, subject, path, xlabel, fixed_limits)

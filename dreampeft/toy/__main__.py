@@ -4,7 +4,7 @@
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer|locon] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
-    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--grid scaling=75,150,300] [--out toy_sweep]
+    python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--train_seeds 2] [--grid scaling=75,150,300] [--out toy_sweep]
     python -m dreampeft.toy scales BENCH_OUT [RUN ...] [--scales 0.5,0.75,1] [--out toy_scales]
 """
 
@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: the tuning subject, which the bench does not report")
     swp.add_argument("--recipe", default="prior", choices=list(RECIPES))
     swp.add_argument("--seeds", type=int, default=2, help="images per recontext prompt")
+    swp.add_argument("--train_seeds", type=int, default=1, help="training runs per setting (mean ± sd; "
+                     "one run per rate picked a rate the 3-seed bench did not confirm)")
     swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
                      "(for the methods that have it)")
     swp.add_argument("--out", default="toy_sweep")
@@ -185,6 +187,8 @@ def _sweep(p, args, methods: list[str]) -> None:
     from .bench import sweep_lr
 
     factors = _numbers(p, "--factors", args.factors, "positive multipliers of the default rate")
+    if args.train_seeds < 1 or args.seeds < 1:
+        p.error(f"sweep: --train_seeds and --seeds must be at least 1 (got {args.train_seeds}, {args.seeds})")
     grid = None
     if args.grid:
         key, _, values = args.grid.partition("=")
@@ -197,7 +201,7 @@ def _sweep(p, args, methods: list[str]) -> None:
         if not key.strip() or not grid or not grid[key.strip()]:
             p.error(f"--grid: want OPTION=V1,V2,... with numbers, e.g. scaling=75,150,300 (got {args.grid!r})")
     best = sweep_lr(args.model, args.out, methods, factors, args.steps, args.seeds, args.subject, args.recipe,
-                    option_grid=grid, log=lambda m: print(m, flush=True))
+                    option_grid=grid, train_seeds=args.train_seeds, log=lambda m: print(m, flush=True))
     print((Path(args.out) / "sweep.md").read_text())
     print("best: " + ", ".join(f"{m} lr {b['lr']:g}" + "".join(f" {k}={v:g}" for k, v in b["options"].items())
                                for m, b in best.items()))

@@ -31,7 +31,7 @@ from ..dreambooth.plots import method_pareto
 from ..presets import RESOLUTION, TOY, method_preset
 from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
-from .evaluate import generate, judge_images, prompt_following
+from .evaluate import attribute_hits, generate, judge_images, prompt_following
 from .models import HEADS
 from .recipe import DEFAULT_STEPS, RECIPES, class_images_if_needed, recipe_options, recipe_steps
 
@@ -85,8 +85,7 @@ def score(judge, images: list, prompts: list[str], subject: str) -> dict:
     """Subject fidelity and prompt fidelity (see the module docstring) of images for prompts."""
     probs = judge_images(judge, images)
     subject_p = probs["object"][:, HEADS["object"].index(subject)]
-    hits = [HEADS[h][int(probs[h][i].argmax())] == want
-            for i, p in enumerate(prompts) for h, want in RECONTEXT.get(p, {}).items()]
+    hits = attribute_hits(probs, [RECONTEXT.get(p, {}) for p in prompts])
     return {"subject": float(subject_p.mean()), "subject_top1": float((subject_p > 0.5).float().mean()),
             "prompt": float(np.mean(hits)) if hits else float("nan")}
 
@@ -211,12 +210,13 @@ def summarise(runs: list[dict]) -> dict:
 
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
              steps: int | None = None, seeds: int = 2, subject: str = "cross", recipe: str = "prior",
-             option_grid: dict[str, list] | None = None, log=print) -> dict:
+             option_grid: dict[str, list] | None = None, train_seeds: int = 1, log=print) -> dict:
     """Each method at its toy preset's rate times each factor — and, for the methods that have it,
     each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
-    (by default the tuning subject, never a reported one): subject and prompt fidelity per setting,
-    written to ``sweep.json``/``sweep.md``. Returns the setting with the best subject + prompt
-    fidelity per method ({"lr", "options"}): what the toy preset in ``dreampeft.presets`` should hold."""
+    (by default the tuning subject, never a reported one), ``train_seeds`` runs each: subject and
+    prompt fidelity per setting (mean ± sd over the runs), written to ``sweep.json``/``sweep.md``.
+    Returns the setting with the best mean subject + prompt fidelity per method ({"lr", "options"}):
+    what the toy preset in ``dreampeft.presets`` should hold."""
     out, steps = Path(out), recipe_steps(recipe, steps)
     pipe, judge = _load(model_dir)
     folder, options = _prepare(pipe, subject, recipe, out)
@@ -230,20 +230,25 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
             for variant in variants:
                 lr = method_preset(TOY, method).lr * f
                 name = f"{method}-{lr:g}" + "".join(f"-{k}{v:g}" for k, v in variant.items())
-                r, _ = _learn(pipe, judge, model_dir, folder, subject, method, out / "runs" / name, steps, seeds, lr,
-                              drift=0, adapter_options=variant, **options)
-                rows.append({"method": method, "lr": lr, "options": variant, **r})
-                log(f"{name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
+                runs = []
+                for seed in range(train_seeds):  # one run keeps the folder names of single-run sweeps
+                    run = out / "runs" / (name if train_seeds == 1 else f"{name}-seed{seed}")
+                    r, _ = _learn(pipe, judge, model_dir, folder, subject, method, run, steps, seeds, lr,
+                                  seed=seed, drift=0, adapter_options=variant, **options)
+                    runs.append(r)
+                    log(f"{run.name}: subject {r['subject']:.3f}, prompt {r['prompt']:.3f}")
+                rows.append({"method": method, "lr": lr, "options": variant, **summarise(runs)})
     best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r["subject"] + r["prompt"]) for m in methods}
     lines = ["| method | lr | options | subject | own prompt | prompt |", "|---|---:|---|---:|---:|---:|",
              f"| base | – | – | {base['subject']:.3f} | {base['instance']:.3f} | {base['prompt']:.3f} |"]
     lines += [f"| {r['method']} | {r['lr']:g}{' (best)' if best[r['method']] is r else ''} | "
-              f"{', '.join(f'{k}={v:g}' for k, v in r['options'].items()) or '–'} | {r['subject']:.3f} | "
-              f"{r['instance']:.3f} | {r['prompt']:.3f} |" for r in rows]
+              f"{', '.join(f'{k}={v:g}' for k, v in r['options'].items()) or '–'} | {mean_sd(r, 'subject')} | "
+              f"{mean_sd(r, 'instance')} | {mean_sd(r, 'prompt')} |" for r in rows]
     best = {m: {"lr": r["lr"], "options": r["options"]} for m, r in best.items()}
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "recipe": recipe,
-                                                "base": base, "best": best, "runs": rows}, indent=1) + "\n")
+                                                "train_seeds": train_seeds, "base": base, "best": best, "runs": rows},
+                                               indent=1) + "\n")
     return best
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..toyworld import OBJECT_COLOURS, PLAIN, SHAPES, sample_scene
+from ..toyworld import OBJECT_COLOURS, PLAIN, SHAPES, asked, sample_scene
 from ..utils import image_grid
 from .models import HEADS, Judge
 
@@ -61,6 +61,21 @@ def judge_images(judge: Judge, images: list) -> dict[str, torch.Tensor]:
     return {h: logits.softmax(-1) for h, logits in judge(_pixels(images)).items()}
 
 
+def attribute_hits(probs: dict[str, torch.Tensor], wanted: list[dict[str, str]]) -> list[bool]:
+    """Per image ``i`` and attribute it asks for (``wanted[i]``: head → class), whether the judge's
+    reading (``probs``, from ``judge_images``) is that class."""
+    return [HEADS[h][int(probs[h][i].argmax())] == w for i, asks in enumerate(wanted) for h, w in asks.items()]
+
+
+def judge_prompt(judge: Judge, images: list, prompt: str) -> float | None:
+    """Prompt fidelity of ``images`` (any size) for ``prompt``: the share of the size, corner and
+    background it names (``toyworld.asked``) that the judge reads; None when it names none."""
+    wanted = asked(prompt)
+    if not wanted:
+        return None
+    return float(np.mean(attribute_hits(judge_images(judge, [_square64(im) for im in images]), [wanted] * len(images))))
+
+
 def prompt_following(pipe, judge: Judge, n: int = 60, seed: int = 123) -> dict[str, float]:
     """Share of generations whose object, colour, background, position and size the judge reads
     as the prompt asked (every attribute named in every prompt)."""
@@ -103,3 +118,16 @@ def judge_similarity(judge: Judge, real: list, generated: list) -> float:
         return judge.embed(_pixels([_square64(im) for im in images]))
 
     return mean_pairwise_cosine(embed(generated), embed(real))
+
+
+@torch.no_grad()
+def judge_object_agreement(judge: Judge, real: list, generated: list) -> float:
+    """The chance that the judge reads the same object in a generated image as in a real one,
+    Σ_c p_gen(c)·p_real(c) over all pairs: subject fidelity that looks at the object only. On the
+    toy's own subjects (p_real nearly one-hot) it is the bench's subject fidelity; ``judge_similarity``
+    compares whole images, so a kept background scores as much as a drawn subject."""
+    def objects(images):
+        return judge_images(judge, [_square64(im) for im in images])["object"]
+
+    return float((objects(generated).mean(0) * objects(real).mean(0)).sum())
+

@@ -28,7 +28,9 @@ drift 0.28–0.35 against the base's 0.55 (``bench/results/toy_bench_locon_recip
 17: 0.47 ± 0.14 and 0.35 ± 0.22 at 0.54–0.63×). ``locon_shapes`` (the class images captioned with their
 colour and shape only, "a red triangle"; LoRA): drift 0.43 / 0.41 kept, but star 0.36 ± 0.06 and
 striped ball 0.17 ± 0.11 at prompt 0.45 / 0.44 — no better trade than ``locon`` at half strength
-(``bench/results/toy_bench_locon_shapes_recipe.md``, ``toy_scales_locon.md``).
+(``bench/results/toy_bench_locon_shapes_recipe.md``, ``toy_scales_locon.md``). ``locon_unet`` (``locon``
+with the text encoders frozen; LoRA, session 18): star 0.49 ± 0.12, striped ball 0.31 ± 0.09 at prompt
+0.52 / 0.45 — ``locon``'s point within one sd (``bench/results/toy_bench_locon_unet.md``).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ CLASS_IMAGES = 48
 # none of the backgrounds, corners or sizes the subject must be let into.
 CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0},
                   "shapes": {"mention_p": 0.0}}
-STEPS = {"transformer": 1000, "locon": 1000, "locon_shapes": 1000}  # a recipe's steps when the bench is not given --steps
+STEPS = {"transformer": 1000, "locon": 1000, "locon_shapes": 1000, "locon_unet": 1000, "locon_masked": 1000}  # a recipe's steps when the bench is not given --steps
 DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is explained)
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
@@ -73,6 +75,15 @@ RECIPES: dict[str, dict] = {
     # locon with a prior that keeps the base's shape words and names nothing the subject must enter
     "locon_shapes": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
                      "class_captions": "shapes"},
+    # locon with the text encoders left as the base's: "sks" keeps the frozen encoders' embedding, and
+    # only the UNet learns what it means, so nothing the encoders share with other words can move
+    "locon_unet": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                   "class_captions": "plain", "train_text_encoder": False},
+    # locon with the instance images' backgrounds weighted 0.2 in the loss (their object masks): the
+    # white, gray, blue and striped backgrounds the subject was shown on are learnt less, so they
+    # should leak less into the recontext prompts' backgrounds
+    "locon_masked": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                     "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2},
     "full": {**PRIOR, "masked_loss": True, "mask_background_weight": 0.2,
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
