@@ -31,6 +31,9 @@ striped ball 0.17 ± 0.11 at prompt 0.45 / 0.44 — no better trade than ``locon
 (``bench/results/toy_bench_locon_shapes_recipe.md``, ``toy_scales_locon.md``). ``locon_unet`` (``locon``
 with the text encoders frozen; LoRA, session 18): star 0.49 ± 0.12, striped ball 0.31 ± 0.09 at prompt
 0.52 / 0.45 — ``locon``'s point within one sd (``bench/results/toy_bench_locon_unet.md``).
+``locon_masked`` (``locon`` plus masked loss, backgrounds at 0.2; LoRA, session 18): star 0.45 ± 0.10,
+striped ball 0.62 ± 0.21 at prompt 0.50 / 0.56 — the ball 2.7× ``locon``'s at the same prompt
+fidelity (``bench/results/toy_locon_masked.md``).
 """
 
 from __future__ import annotations
