@@ -63,17 +63,17 @@ def pick_scores(table: list[dict]) -> tuple[tuple[str, str], tuple[str, str]]:
     return first(SUBJECT_SCORES, "subject"), first(PROMPT_SCORES, "prompt")
 
 
-def strength_results(rows: list, table: list[dict], path: Path) -> tuple[Path, list[list]]:
-    """The study's plot at ``path`` (one line per run through its strengths, the base as a cross,
-    the 0.9× base prompt bar) and its table rows (``STRENGTH_COLUMNS``); ``rows`` are the studio's
-    generated rows and ``table`` their scores, in the same order."""
+def strength_results(rows: list, table: list[dict], path: Path) -> list[list]:
+    """Draws the study's plot at ``path`` (one line per run through its strengths, the base as a
+    cross, the 0.9× base prompt bar) and returns its table rows (``STRENGTH_COLUMNS``); ``rows`` are
+    the studio's generated rows and ``table`` their scores, in the same order."""
     (subject, subject_label), (prompt, prompt_label) = pick_scores(table)
     cells = [{"subject": t[subject], "prompt": t[prompt]} for t in table]
     lines: dict[str, list] = {}
     for row, cell in zip(rows[1:], cells[1:]):
         lines.setdefault(row.run, []).append((row.scale, cell))
     scale_pareto(lines, cells[0], subject_label, path, xlabel=prompt_label, fixed_limits=prompt == "toy_prompt")
-    return path, [[row.run, row.scale, cell["subject"], cell["prompt"]] for row, cell in zip(rows, cells)]
+    return [[row.run, row.scale, cell["subject"], cell["prompt"]] for row, cell in zip(rows, cells)]
 
 
 def strength_widgets(gr) -> tuple:

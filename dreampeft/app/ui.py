@@ -240,7 +240,8 @@ class App:
                 raise ConfigError("no finished run on this model yet: train a method first")
             rows = self.studio.generate(path, runs, prompt, int(seed), int(n), int(steps), int(resolution), scales)
             table, missing = self.studio.score(rows, path, prompt)
-            _, cells = strength_results(rows, table, plot := self._study_path())
+            plot = self._study_path()
+            cells = strength_results(rows, table, plot)
         except (ConfigError, ModelError, DreamBoothError, EvalError, OSError, ValueError) as exc:
             return None, [], f"**Cannot run the study:** {exc}"
         return str(plot), cells, (f"{len(runs)} run(s) × {len(scales)} strength(s) × {int(n)} image(s), same "
