@@ -5,8 +5,10 @@ five of the 25 DreamBooth prompts) and the class prompt without it, ``--eval_ima
 Per evaluation:
 
 * subject fidelity — the toy judge's probability that the object is the subject when the judge
-  knows the subject (its benchmark subjects), else its DINO-style similarity to the instance images;
-  off the toy, DINO against the instance images (CLIP-I beside it);
+  knows the subject (its benchmark subjects), else the chance it reads the instance images' object
+  in a generated one (``judge_object_agreement``, the app's ``toy_object``; the whole-image
+  similarity stays beside it as ``judge_similarity``); off the toy, DINO against the instance
+  images (CLIP-I beside it);
 * prompt fidelity — the judge's share of the attributes each prompt asks for; off the toy, CLIP-T;
 * drift — 1 − the mean cosine similarity between the class prompt's images now and at step 0 (same
   seeds), in the judge's or DINO's features: how far the class itself has moved (language drift,
@@ -120,15 +122,16 @@ class Metrics:
             s = self.scorer.score(self.real, images, prompts)
             return {"subject": s["dino"], "prompt": s["clip_t"], "dino": s["dino"], "clip_i": s["clip_i"],
                     "clip_t": s["clip_t"]}
-        from ..toy.evaluate import attribute_hits, judge_images, judge_similarity
+        from ..toy.evaluate import attribute_hits, judge_images, judge_object_agreement, judge_similarity
 
-        similarity = judge_similarity(self.judge, self.real, images)
         probs = judge_images(self.judge, images)
-        subject = (float(probs["object"][:, self.subject_class].mean()) if self.subject_class is not None
-                   else similarity)
+        if self.subject_class is not None:
+            subject = float(probs["object"][:, self.subject_class].mean())
+        else:  # whole-image similarity would score a copied background as a drawn subject
+            subject = judge_object_agreement(self.judge, self.real, images)
         hits = attribute_hits(probs, attributes)
         return {"subject": subject, "prompt": sum(hits) / len(hits) if hits else float("nan"),
-                "judge_similarity": similarity}
+                "judge_similarity": judge_similarity(self.judge, self.real, images)}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
-    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|plain|full|transformer|locon] [--out toy_bench]
+    python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|locon_masked|...] [--set KEY=VALUE] [--out toy_bench]
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--train_seeds 2] [--grid scaling=75,150,300] [--out toy_sweep]
     python -m dreampeft.toy scales BENCH_OUT [RUN ...] [--scales 0.5,0.75,1] [--out toy_scales]
@@ -21,9 +21,11 @@ from ..presets import parse_methods
 from .bench import BENCH_STEPS, DRIFT_CAPTIONS, check_recipe
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
 from .options import VARIANTS
-from .recipe import RECIPES, recipe_steps
+from .recipe import RECIPES, parse_overrides, recipe_steps
 from .pretrain import PretrainConfig, pretrain
 
+SET_HELP = ("a trainer option over the recipe's, repeatable, e.g. --set mask_background_weight=0.1 "
+            "--set class_captions=shapes (values as JSON, else text)")
 STEPS_HELP = "training steps per run (default: the recipe's: " + ", ".join(
     f"{r} {recipe_steps(r)}" for r in RECIPES) + ")"
 
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                      "for the drift column (shape words kept); 0 leaves it out")
     ben.add_argument("--lr_factor", type=float, default=1.0, help="every method's toy preset rate times this "
                      "(e.g. 0.5, as a sweep on the tuning subject suggests)")
+    ben.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
     ben.add_argument("--out", default="toy_bench")
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                      "one run per rate picked a rate the 3-seed bench did not confirm)")
     swp.add_argument("--grid", default="", help="one adapter option's values, e.g. scaling=75,150,300 "
                      "(for the methods that have it)")
+    swp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
     swp.add_argument("--out", default="toy_sweep")
     sca = sub.add_parser("scales", help="saved bench runs redrawn at lower adapter strengths (the LoRA weight slider)")
     sca.add_argument("runs", nargs="+", help="bench --out folders (every run under runs/) or single run folders")
@@ -113,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             methods = parse_methods(args.methods)
-            check_recipe(getattr(args, "recipe", ""), methods)
+            args.overrides = parse_overrides(getattr(args, "overrides", []), getattr(args, "recipe", "plain"))
+            check_recipe(getattr(args, "recipe", "plain"), methods, args.overrides)
         except (ConfigError, ValueError) as exc:
             p.error(str(exc))
         if args.command == "sweep":
@@ -142,7 +147,7 @@ def _bench(p, args, methods: list[str]) -> None:
     if not args.lr_factor > 0:
         p.error(f"bench: --lr_factor must be positive (got {args.lr_factor}); 1 keeps the toy presets' rates")
     results = run_bench(args.model, args.out, methods, args.steps, args.seeds, subjects, args.train_seeds,
-                        recipe=args.recipe, drift=args.drift_captions, lr_factor=args.lr_factor,
+                        recipe=args.recipe, drift=args.drift_captions, lr_factor=args.lr_factor, overrides=args.overrides,
                         log=lambda m: print(m, flush=True))
     print(results_table(results, ["base", *methods], subjects))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
@@ -201,7 +206,7 @@ def _sweep(p, args, methods: list[str]) -> None:
         if not key.strip() or not grid or not grid[key.strip()]:
             p.error(f"--grid: want OPTION=V1,V2,... with numbers, e.g. scaling=75,150,300 (got {args.grid!r})")
     best = sweep_lr(args.model, args.out, methods, factors, args.steps, args.seeds, args.subject, args.recipe,
-                    option_grid=grid, train_seeds=args.train_seeds, log=lambda m: print(m, flush=True))
+                    option_grid=grid, train_seeds=args.train_seeds, overrides=args.overrides, log=lambda m: print(m, flush=True))
     print((Path(args.out) / "sweep.md").read_text())
     print("best: " + ", ".join(f"{m} lr {b['lr']:g}" + "".join(f" {k}={v:g}" for k, v in b["options"].items())
                                for m, b in best.items()))

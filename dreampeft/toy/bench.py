@@ -33,7 +33,7 @@ from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import attribute_hits, generate, judge_images, prompt_following
 from .models import HEADS
-from .recipe import DEFAULT_STEPS, RECIPES, class_images_if_needed, recipe_options, recipe_steps
+from .recipe import DEFAULT_STEPS, class_images_if_needed, recipe_config, recipe_options, recipe_steps
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
@@ -135,20 +135,20 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
     return {**stats, **judged(judge, drawn, subject)}, drawn[1]
 
 
-def _prepare(pipe, subject: str, recipe: str, out: Path) -> tuple[Path, dict]:
-    """A subject's instance folder under ``out`` and the trainer options of ``recipe`` for it (its
-    masks; the class images, drawn once per ``out`` and shared by every subject)."""
-    class_dir = class_images_if_needed(pipe, out / "class", RECIPES.get(recipe, {}))
-    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject))
+def _prepare(pipe, subject: str, recipe: str, out: Path, overrides: dict | None = None) -> tuple[Path, dict]:
+    """A subject's instance folder under ``out`` and the trainer options of ``recipe`` (and
+    ``overrides``) for it (its masks; the class images, drawn once per ``out`` and shared by every subject)."""
+    class_dir = class_images_if_needed(pipe, out / "class", recipe_config(recipe, overrides))
+    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject), overrides)
     return write_subject(subject, out / "subjects" / subject), options
 
 
-def check_recipe(recipe: str, methods: list[str]) -> None:
+def check_recipe(recipe: str, methods: list[str], overrides: dict | None = None) -> None:
     """Refuse, before anything trains, a recipe whose targets a method cannot adapt (``locon``'s
     convolutions: ``conv_methods`` only)."""
     from ..adapters.base import conv_methods, conv_methods_text, conv_targets
 
-    convs = conv_targets(RECIPES.get(recipe, {}).get("unet_target_modules", []))
+    convs = conv_targets(recipe_config(recipe, overrides).get("unet_target_modules", []))
     refused = [m for m in methods if m not in conv_methods()] if convs else []
     if refused:
         raise ValueError(f"recipe {recipe} adapts the resnets' convolutions ({', '.join(convs[:2])}, …), which "
@@ -157,21 +157,22 @@ def check_recipe(recipe: str, methods: list[str]) -> None:
 
 def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps: int | None = None,
               seeds: int = 4, subjects: list[str] | None = None, train_seeds: int = 1, recipe: str = "prior",
-              drift: int = DRIFT_CAPTIONS, lr_factor: float = 1.0, log=print) -> dict:
-    """Train every method on every subject ``train_seeds`` times with ``recipe`` (each at its toy
-    preset's rate times ``lr_factor``), generate the
+              drift: int = DRIFT_CAPTIONS, lr_factor: float = 1.0, overrides: dict | None = None,
+              log=print) -> dict:
+    """Train every method on every subject ``train_seeds`` times with ``recipe`` and ``overrides``
+    on it (``recipe.parse_overrides``; each at its toy preset's rate times ``lr_factor``), generate the
     recontext prompts (``seeds`` images each), score; write ``results.json``, ``results.md``,
     ``grid.png`` (first training seed) and ``pareto-SUBJECT.png`` into ``out``. ``steps``: by default
     the recipe's (``recipe.STEPS``, else BENCH_STEPS); ``drift``: world captions per drift measurement
     (0: none)."""
     out, steps = Path(out), recipe_steps(recipe, steps)
+    check_recipe(recipe, methods, overrides)
     pipe, judge = _load(model_dir)
-    check_recipe(recipe, methods)
     base = draw(pipe, judge, seeds, drift)  # the base's images, scored against each subject
     results, grid = {}, []
     subjects = subjects or list(SUBJECTS)
     for subject in subjects:
-        folder, options = _prepare(pipe, subject, recipe, out)
+        folder, options = _prepare(pipe, subject, recipe, out, overrides)
         results[f"base/{subject}"] = judged(judge, base, subject)
         grid.append([render(s) for s in subject_scenes(subject, 5)])
         grid.append(base[1][::seeds])
@@ -191,8 +192,8 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     image_grid(grid).save(out / "grid.png")
     (out / "results.json").write_text(json.dumps(
         {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe, "drift_captions": drift,
-         "lr_factor": lr_factor,
-         "recipe_options": RECIPES[recipe], "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
+         "lr_factor": lr_factor, "overrides": overrides or {},
+         "recipe_options": recipe_config(recipe, overrides), "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, ["base", *methods], subjects) + "\n")
     return results
 
@@ -210,17 +211,18 @@ def summarise(runs: list[dict]) -> dict:
 
 def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors=(0.25, 0.5, 1.0, 2.0, 4.0),
              steps: int | None = None, seeds: int = 2, subject: str = "cross", recipe: str = "prior",
-             option_grid: dict[str, list] | None = None, train_seeds: int = 1, log=print) -> dict:
+             option_grid: dict[str, list] | None = None, train_seeds: int = 1, overrides: dict | None = None,
+             log=print) -> dict:
     """Each method at its toy preset's rate times each factor — and, for the methods that have it,
     each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
     (by default the tuning subject, never a reported one), ``train_seeds`` runs each: subject and
-    prompt fidelity per setting (mean ± sd over the runs), written to ``sweep.json``/``sweep.md``.
+    prompt fidelity per setting (mean ± sd over the runs; ``recipe`` with ``overrides``), written to ``sweep.json``/``sweep.md``.
     Returns the setting with the best mean subject + prompt fidelity per method ({"lr", "options"}):
     what the toy preset in ``dreampeft.presets`` should hold."""
     out, steps = Path(out), recipe_steps(recipe, steps)
+    check_recipe(recipe, methods, overrides)
     pipe, judge = _load(model_dir)
-    folder, options = _prepare(pipe, subject, recipe, out)
-    check_recipe(recipe, methods)
+    folder, options = _prepare(pipe, subject, recipe, out, overrides)
     base = judged(judge, draw(pipe, judge, seeds, drift=0), subject)  # what any setting must beat
     rows = []
     for method in methods:
@@ -247,6 +249,7 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     best = {m: {"lr": r["lr"], "options": r["options"]} for m, r in best.items()}
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     (out / "sweep.json").write_text(json.dumps({"subject": subject, "steps": steps, "seeds": seeds, "recipe": recipe,
+                                                "overrides": overrides or {},
                                                 "train_seeds": train_seeds, "base": base, "best": best, "runs": rows},
                                                indent=1) + "\n")
     return best

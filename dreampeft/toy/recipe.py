@@ -135,11 +135,57 @@ def class_images_if_needed(pipe, folder: Path, *options: dict) -> Path | None:
     return folder if used else None
 
 
-def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None) -> dict:
-    """DreamBoothConfig fields of ``recipe`` for one subject (its masks, the shared class images)."""
+def recipe_config(recipe: str, overrides: dict | None = None) -> dict:
+    """``recipe``'s options with ``overrides`` (``parse_overrides``) on top."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (got {recipe!r})")
-    return with_paths(RECIPES[recipe], class_dir, mask_dir)
+    return {**RECIPES[recipe], **(overrides or {})}
+
+
+def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None, overrides: dict | None = None) -> dict:
+    """DreamBoothConfig fields of ``recipe`` (and ``overrides``) for one subject (its masks, the
+    shared class images)."""
+    return with_paths(recipe_config(recipe, overrides), class_dir, mask_dir)
+
+
+# what the bench sets for every run itself: a --set of these would be silently replaced
+BENCH_OWNED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "output_dir", "adapter",
+               "learning_rate", "max_train_steps", "seed", "class_data_dir", "class_prompt", "mask_dir")
+
+
+def parse_overrides(pairs: list[str], recipe: str) -> dict:
+    """``--set KEY=VALUE`` pairs as trainer options over ``recipe``'s (e.g. mask_background_weight=0.1):
+    KEY a DreamBoothConfig field or ``class_captions``; VALUE read as JSON (0.1, true, null,
+    ["transformer"]), else as text. Raises ValueError naming the pair when the result would not
+    train, before anything is drawn or trained."""
+    import json
+    from dataclasses import fields
+
+    from ..dreambooth.config import ConfigError, DreamBoothConfig
+
+    names = {f.name for f in fields(DreamBoothConfig)} - set(BENCH_OWNED) | {"class_captions"}
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or key not in names:
+            owned = f" (the bench sets {key} itself)" if key in BENCH_OWNED else ""
+            raise ValueError(f"--set {pair!r}: want KEY=VALUE with KEY a trainer option{owned}, e.g. "
+                             "mask_background_weight=0.1 or class_captions=shapes")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    options = recipe_config(recipe, overrides)
+    if options.get("class_captions", "world") not in CLASS_CAPTIONS:
+        raise ValueError(f"--set class_captions: one of {', '.join(CLASS_CAPTIONS)} "
+                         f"(got {options['class_captions']!r})")
+    try:
+        DreamBoothConfig(pretrained_model_name_or_path="toy", instance_data_dir="subject",
+                         instance_prompt="a sks object", **with_paths(options, Path("class"), Path("masks")))
+    except (ConfigError, TypeError) as exc:
+        raise ValueError(f"--set {' '.join(pairs)} with recipe {recipe}: {exc}") from None
+    return overrides
 
 
 def with_paths(options: dict, class_dir: Path | None, mask_dir: Path | None) -> dict:
