@@ -358,8 +358,8 @@ def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path)
 
 
 def test_demo_runs_one_subject(tmp_path, capsys):
-    """``make demo``'s default is the recipe that draws the subject (``locon``), for LoRA and
-    LoRA-Dash; ``--methods all`` is every method the recipe's layers allow."""
+    """``make demo``'s default is the recipe that draws the subject (``locon``); ``--methods all``
+    is every method the recipe's layers allow."""
     from dreampeft.adapters import METHODS
     from dreampeft.adapters.base import conv_methods
     from dreampeft.demo import demo_methods, main

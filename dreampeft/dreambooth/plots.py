@@ -96,10 +96,12 @@ def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
 
 
 def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject: str, path: Path,
-                 prompt_share: float = 0.9, xlabel: str = "prompt fidelity", fixed_limits: bool = True) -> Path:
+                 prompt_share: float = 0.9, xlabel: str = "prompt fidelity", fixed_limits: bool = True,
+                 point_label: str = "×{:g}") -> Path:
     """Subject against prompt fidelity along adapter scales: per method (``lines``: name → [(scale,
-    cell)]) a line through its scales, each point ± one sd and labelled with its scale; the base
-    as a black cross and a dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
+    cell)]) a line through its scales, each point ± one sd and labelled with its scale
+    (``point_label``: any other knob's values, e.g. "bg {:g}"); the base as a black cross and a
+    dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
     plt, fig, ax = _subject_axes()
     ax.scatter([base["prompt"]], [base["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
     ax.axvline(prompt_share * base["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
@@ -108,6 +110,6 @@ def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject
         bar = ax.errorbar(x, y, xerr=[c.get("prompt_sd", 0) for _, c in points],
                           yerr=[c.get("subject_sd", 0) for _, c in points], fmt="o-", ms=5, capsize=3, label=name)
         for (scale, _), xi, yi in zip(points, x, y):
-            ax.annotate(f"×{scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+            ax.annotate(point_label.format(scale), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
                         color=bar[0].get_color())
     return _save_subject_plot(plt, fig, ax, subject, path, xlabel, fixed_limits)

@@ -33,7 +33,9 @@ with the text encoders frozen; LoRA, session 18): star 0.49 ± 0.12, striped bal
 0.52 / 0.45 — ``locon``'s point within one sd (``bench/results/toy_bench_locon_unet.md``).
 ``locon_masked`` (``locon`` plus masked loss, backgrounds at 0.2; LoRA, session 18): star 0.45 ± 0.10,
 striped ball 0.62 ± 0.21 at prompt 0.50 / 0.56 — the ball 2.7× ``locon``'s at the same prompt
-fidelity (``bench/results/toy_locon_masked.md``).
+fidelity (``bench/results/toy_locon_masked.md``); LoRA-Dash and DoRA (session 19): ball 0.61 ± 0.25
+and 0.70 ± 0.18, star 0.50 ± 0.21 and 0.43 ± 0.18 (``toy_bench_locon_masked_dash_dora.md``).
+``bench --set KEY=VALUE`` changes one trainer option over a recipe's (``parse_overrides``).
 """
 
 from __future__ import annotations
