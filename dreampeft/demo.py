@@ -30,7 +30,7 @@ from .toy.recipe import RECIPES, recipe_steps
 from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
-# LoRA-Dash on the recipe that draws the star: ~3.5 min on a 2-core CPU. Each method at this recipe
+# LoRA-Dash on the recipe that draws the star: ~3 min on a 2-core CPU. Each method at this recipe
 # trains 1,000 steps of 10 images (~2.6 min here), so LoRA beside it makes 5.7 min, over the demo's
 # 5-minute budget, and 700 steps drew the star half as often (0.33 / 0.26 against 0.70 / 0.61)
 DEFAULT_RECIPE, DEFAULT_METHODS = "locon", "lora_dash"

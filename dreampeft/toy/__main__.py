@@ -147,8 +147,8 @@ def _bench(p, args, methods: list[str]) -> None:
     if not args.lr_factor > 0:
         p.error(f"bench: --lr_factor must be positive (got {args.lr_factor}); 1 keeps the toy presets' rates")
     results = run_bench(args.model, args.out, methods, args.steps, args.seeds, subjects, args.train_seeds,
-                        recipe=args.recipe, drift=args.drift_captions, lr_factor=args.lr_factor, overrides=args.overrides,
-                        log=lambda m: print(m, flush=True))
+                        recipe=args.recipe, drift=args.drift_captions, lr_factor=args.lr_factor,
+                        overrides=args.overrides, log=lambda m: print(m, flush=True))
     print(results_table(results, ["base", *methods], subjects))
     print(f"grid (per subject: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {args.out}/grid.png")
@@ -206,7 +206,8 @@ def _sweep(p, args, methods: list[str]) -> None:
         if not key.strip() or not grid or not grid[key.strip()]:
             p.error(f"--grid: want OPTION=V1,V2,... with numbers, e.g. scaling=75,150,300 (got {args.grid!r})")
     best = sweep_lr(args.model, args.out, methods, factors, args.steps, args.seeds, args.subject, args.recipe,
-                    option_grid=grid, train_seeds=args.train_seeds, overrides=args.overrides, log=lambda m: print(m, flush=True))
+                    option_grid=grid, train_seeds=args.train_seeds, overrides=args.overrides,
+                    log=lambda m: print(m, flush=True))
     print((Path(args.out) / "sweep.md").read_text())
     print("best: " + ", ".join(f"{m} lr {b['lr']:g}" + "".join(f" {k}={v:g}" for k, v in b["options"].items())
                                for m, b in best.items()))

@@ -193,7 +193,8 @@ def run_bench(model_dir: str | Path, out: str | Path, methods: list[str], steps:
     (out / "results.json").write_text(json.dumps(
         {"steps": steps, "seeds": seeds, "train_seeds": train_seeds, "recipe": recipe, "drift_captions": drift,
          "lr_factor": lr_factor, "overrides": overrides or {},
-         "recipe_options": recipe_config(recipe, overrides), "prompts": list(RECONTEXT), "results": results}, indent=1) + "\n")
+         "recipe_options": recipe_config(recipe, overrides), "prompts": list(RECONTEXT), "results": results},
+        indent=1) + "\n")
     (out / "results.md").write_text(results_table(results, ["base", *methods], subjects) + "\n")
     return results
 
@@ -216,7 +217,8 @@ def sweep_lr(model_dir: str | Path, out: str | Path, methods: list[str], factors
     """Each method at its toy preset's rate times each factor — and, for the methods that have it,
     each value of one adapter option in ``option_grid`` (e.g. FourierFT's scaling) — on one subject
     (by default the tuning subject, never a reported one), ``train_seeds`` runs each: subject and
-    prompt fidelity per setting (mean ± sd over the runs; ``recipe`` with ``overrides``), written to ``sweep.json``/``sweep.md``.
+    prompt fidelity per setting (mean ± sd over the runs; ``recipe`` with ``overrides``), written
+    to ``sweep.json``/``sweep.md``.
     Returns the setting with the best mean subject + prompt fidelity per method ({"lr", "options"}):
     what the toy preset in ``dreampeft.presets`` should hold."""
     out, steps = Path(out), recipe_steps(recipe, steps)
