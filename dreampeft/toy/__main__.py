@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             methods = parse_methods(args.methods)
-            args.overrides = parse_overrides(getattr(args, "overrides", []), getattr(args, "recipe", "plain"))
-            check_recipe(getattr(args, "recipe", "plain"), methods, args.overrides)
+            recipe = getattr(args, "recipe", "plain")  # `options` has no --recipe or --set
+            args.overrides = parse_overrides(getattr(args, "overrides", []), recipe)
+            check_recipe(recipe, methods, args.overrides)
         except (ConfigError, ValueError) as exc:
             p.error(str(exc))
         if args.command == "sweep":
