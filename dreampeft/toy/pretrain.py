@@ -33,14 +33,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..toyworld import object_mask, render, striped, world_sample
+from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
 from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
 
 
-def render_set(seed: int, n: int, subject_rate: float = 0.0):
-    return render_scenes([world_sample(seed, i, subject_rate) for i in range(n)])
+def render_set(seed: int, n: int, subject_rate: float = 0.0, unnamed_position: str = "any"):
+    """``n`` world scenes; with ``unnamed_position`` a POSITIONS key, the scenes whose captions name
+    no position show the object there (as photos mostly centre their subject)."""
+    scenes = [world_sample(seed, i, subject_rate) for i in range(n)]
+    if unnamed_position != "any":
+        scenes = [s if "position" in s.mention else replace(s, position=unnamed_position) for s in scenes]
+    return render_scenes(scenes)
 
 
 def render_scenes(scenes: list) -> tuple[list, torch.Tensor]:
@@ -133,8 +138,19 @@ def toy_scheduler():
                                   prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=None):
-    """``start`` = [unet, encoder, encoder_2], trained jointly; returns their EMA copies.
+def object_weighted_mse(err: torch.Tensor, masks: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Per-example mean of ``err`` (n, c, h, w) with pixels under the object (``masks`` (n, 1, h, w),
+    coverage in [0, 1]) weighted 1 + ``weight``, normalised so that an even error reads the same
+    as plain MSE: as in ``train_vae``, objects are ~10% of the latent and all of a subject."""
+    if masks is None or weight == 0:
+        return err.mean((1, 2, 3))
+    w = 1 + weight * masks.float()
+    return (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
+
+
+def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=None, masks=None):
+    """``start`` = [unet, encoder, encoder_2], trained jointly; returns their EMA copies. ``masks``
+    (n, 1, 16, 16): each latent's object coverage, for ``c.object_weight``.
 
     The encoders start as the tiny random CLIP pair. Frozen, they left the UNet nearly blind to the
     prompt within this budget (attention over 77 barely distinct tokens learns slowly); trained
@@ -157,7 +173,7 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         pick = torch.randint(len(mean), (batch,), generator=gen)
         z0 = mean[pick] + std[pick] * torch.randn(mean[pick].shape, generator=gen)
         noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
+        t = torch.randint(c.min_timestep, 1000, (batch,), generator=gen)
         keep = (torch.rand(batch, generator=gen) >= 0.1).float()  # 10% unconditional
         h, p = encode_prompts(list(models[1:]), [x[index[pick]] for x in ids], "cpu")
         pred = models[0](noise_sched.add_noise(z0, noise, t), t, h * keep[:, None, None],
@@ -169,7 +185,8 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         # centre from corner (position 0.28 vs 0.13) but drew worse shapes (object 0.45 vs 0.62).
         floor = c.layout_floor if step < c.layout_share * steps else c.snr_floor
         weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
-        per_example = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none").mean((1, 2, 3))
+        err = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none")
+        per_example = object_weighted_mse(err, masks[pick] if c.object_weight else None, c.object_weight)
         loss = (per_example * weight).mean()
         _update(opt, sched, loss, models.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
@@ -178,7 +195,7 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
                 e.lerp_(q, 1 - decay)
         if step % 100 == 0 or step == steps - 1:
             log(f"unet step {step + 1}/{steps} loss {loss.item():.4f}")
-        if sample_fn is not None and ((step + 1) % 500 == 0 or step == steps - 1):
+        if sample_fn is not None and ((step + 1) % c.eval_every == 0 or step == steps - 1):
             sample_fn(*ema, step + 1)
     return tuple(m.eval() for m in ema)
 
@@ -234,17 +251,27 @@ class PretrainConfig:
     snr_floor: float = 0.0  # min-SNR-5 weighs steps below this SNR as if at it; 0: plain min-SNR
     layout_share: float = 0.0  # the first share of UNet steps use layout_floor instead of snr_floor
     layout_floor: float = 1.0
+    # UNet steps draw t from [min_timestep, 999] (kohya's --min_timestep): a second stage on the
+    # noisiest steps alone, where the sampler's first steps decide the layout
+    min_timestep: int = 0
+    # the UNet's loss weight on latent pixels under the object is 1 + object_weight (0: plain MSE)
+    object_weight: float = 0.0
+    # where the UNet's scenes put the object when their caption names no position ("any": anywhere).
+    # Trained on "any" with the SNR floor, the first sampling step predicts faint objects in every
+    # corner for such prompts, and the sampler drew two to four of them.
+    unnamed_position: str = "any"
     unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
     attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
     unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
     eval_captions: int = 60  # full captions that prompt following is read on (curve and final report)
+    eval_every: int = 500  # UNet steps between readings of the curve
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
     # a toy model folder to continue from (its UNet, text encoders and, unless --vae says otherwise,
     # VAE; unet_width and attention_16 are then the folder's): a second stage with other settings
     init: str = ""
 
     def __post_init__(self):
-        for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch", "eval_captions"):
+        for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch", "eval_captions", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)})")
         if self.batch < 2:
@@ -256,6 +283,13 @@ class PretrainConfig:
                 raise ValueError(f"{name} must lie in [0, 5], min-SNR's cap (got {getattr(self, name)})")
         if not 0 <= self.layout_share <= 1:
             raise ValueError(f"layout_share is a share of unet_steps in [0, 1] (got {self.layout_share})")
+        if self.unnamed_position not in ("any", *POSITIONS):
+            raise ValueError(f"unnamed_position must be any or one of {', '.join(POSITIONS)} "
+                             f"(got {self.unnamed_position!r})")
+        if not 0 <= self.object_weight <= 100:
+            raise ValueError(f"object_weight must lie in [0, 100] (got {self.object_weight})")
+        if not 0 <= self.min_timestep <= 998:
+            raise ValueError(f"min_timestep must lie in [0, 998] of the 1,000-step schedule (got {self.min_timestep})")
         if not 0 < self.unet_lr < 1:
             raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
         if not 1 <= self.unet_width <= 4:
@@ -282,7 +316,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     out, t0, timings = Path(out), time.perf_counter(), {}
     out.mkdir(parents=True, exist_ok=True)
     pipe = _assemble(build_tiny_sdxl(seed), scheduler=toy_scheduler())  # the tiny random CLIP pair
-    scenes, pixels = render_set(seed, c.n_images)
+    scenes, pixels = render_set(seed, c.n_images, unnamed_position=c.unnamed_position)
     vae_scenes, vae_pixels = vae_set(scenes, pixels, seed, 0 if c.vae else c.vae_striped)
     log(f"rendered {len(vae_scenes)} scenes in {time.perf_counter() - t0:.0f} s")
 
@@ -324,7 +358,8 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
         start = [before.unet, before.text_encoder, before.text_encoder_2]
     else:  # the tiny random CLIP pair, and a UNet drawn from the seed
         start = [build_toy_unet(seed, c.attention_16, c.unet_width), pipe.text_encoder, pipe.text_encoder_2]
-    unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot)
+    masks = F.avg_pool2d(object_masks(scenes).float() / 255, 4).half() if c.object_weight else None
+    unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot, masks)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
 

@@ -1,0 +1,104 @@
+"""Pretraining the toy SDXL (``python -m dreampeft.toy pretrain``): its scenes, its loss, its
+architecture options and its flags, on a few steps of tiny runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dreampeft.toy.evaluate import is_toy
+from dreampeft.toy.models import HEADS
+
+@pytest.mark.parametrize("unnamed", ["any", "center", "top left"])
+def test_pretrain_scenes_put_the_object_where_an_unnamed_position_says(unnamed):
+    """Captions that name no position show the object at ``unnamed_position``; the others (and
+    every other attribute) are the world's scenes, unchanged."""
+    from dreampeft.toy.pretrain import render_set
+
+    world, _ = render_set(4, 200)
+    scenes, pixels = render_set(4, 200, unnamed_position=unnamed)
+    assert len(pixels) == 200
+    named = [s for s, w in zip(scenes, world) if "position" in w.mention]
+    assert 0.5 < len(named) / 200 < 0.9 and all(s in world for s in named)
+    moved = [(s, w) for s, w in zip(scenes, world) if "position" not in w.mention]
+    assert all(s == (w if unnamed == "any" else replace(w, position=unnamed)) for s, w in moved)
+    if unnamed != "any":
+        assert any(w.position != unnamed for _, w in moved)  # something did move
+
+
+def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(tmp_path, capsys):
+    """`pretrain --vae DIR` (retrain the UNet on a saved toy's VAE) gives exactly the UNet a full
+    run gives: the UNet always learns the fp16 VAE that ships. A few steps of each stage here."""
+    from safetensors.torch import load_file
+
+    from dreampeft.toy.__main__ import main
+
+    tiny = ["--vae_steps", "2", "--unet_steps", "2", "--judge_steps", "2", "--n_images", "32", "--batch", "8",
+            "--eval_captions", "6"]
+    assert main(["pretrain", str(tmp_path / "full"), *tiny]) == 0
+    assert main(["pretrain", str(tmp_path / "reuse"), *tiny, "--vae", str(tmp_path / "full")]) == 0
+    for part in ("unet", "vae", "text_encoder"):
+        name = "diffusion_pytorch_model" if part != "text_encoder" else "model"
+        a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "reuse"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert is_toy(tmp_path / "reuse") and (tmp_path / "reuse" / "samples.png").exists()
+    # a second stage (`--init`): continues the folder's UNet and encoders, on its VAE, and moves them
+    assert main(["pretrain", str(tmp_path / "more"), *tiny, "--init", str(tmp_path / "full"), "--snr_floor", "1",
+                 "--object_weight", "10", "--min_timestep", "700", "--eval_every", "1"]) == 0
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "more"))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), part
+        assert all(torch.equal(a[k], b[k]) for k in a) == (part == "vae"), part
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
+    assert "architecture is the folder's" in capsys.readouterr().err
+    curve = json.loads((tmp_path / "reuse" / "pretrain_report.json").read_text())["curve"]
+    assert [p["step"] for p in curve] == [2] and set(curve[0]) == {"step", *HEADS}  # read along training
+    assert [p["step"] for p in json.loads((tmp_path / "more" / "pretrain_report.json").read_text())["curve"]] == [1, 2]
+
+
+@pytest.mark.parametrize("weight, inside, expected", [(0, 1.0, 0.25), (10, 0.0, 0.75 / 3.5), (10, 1.0, 2.75 / 3.5),
+                                                     (10, 0.5, 0.5)])
+def test_pretrain_object_weight_puts_the_loss_on_the_object(weight, inside, expected):
+    """A quarter of the latent is object: an even error reads as plain MSE whatever the weight, and
+    with weight 10 the object's share of the loss is 2.75 / 3.5 instead of 1/4."""
+    from dreampeft.toy.pretrain import object_weighted_mse
+
+    masks = torch.zeros(2, 1, 4, 4)
+    masks[:, :, :2, :2] = 1
+    err = masks.expand(2, 3, 4, 4) * inside + (1 - masks.expand(2, 3, 4, 4)) * (1 - inside)
+    assert torch.allclose(object_weighted_mse(err, masks, weight), torch.full((2,), expected))
+    even = torch.full((2, 3, 4, 4), 0.3)
+    assert torch.allclose(object_weighted_mse(even, masks, weight), even.mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("where, attends_16, width", [("none", (False, False), 1), ("up", (False, True), 1),
+                                                      ("both", (True, True), 1), ("none", (False, False), 2)])
+def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
+    from dreampeft.toy.models import build_toy_unet
+
+    unet = build_toy_unet(0, where, width)
+    assert tuple(unet.config.block_out_channels) == (32 * width, 64 * width, 128 * width)
+    first_down, last_up = unet.down_blocks[0], unet.up_blocks[-1]
+    assert (hasattr(first_down, "attentions"), hasattr(last_up, "attentions")) == attends_16
+    out = unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, unet.config.cross_attention_dim),
+               added_cond_kwargs={"text_embeds": torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 * 8),
+                                  "time_ids": torch.zeros(1, 6)}).sample
+    assert out.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("flag, value", [("--snr_floor", "9"), ("--vae_striped", "1.5"), ("--batch", "1"),
+                                         ("--unet_steps", "0"), ("--vae", "no/such/folder"), ("--layout_floor", "-1"),
+                                         ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
+                                         ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
+                                         ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
+                                         ("--unnamed_position", "middle")])
+def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
+    from dreampeft.toy.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", str(tmp_path), flag, value])
+    assert flag in capsys.readouterr().err
