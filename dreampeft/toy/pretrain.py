@@ -8,7 +8,8 @@ encode every image once through the fp16 VAE (posterior mean and std) and set th
 together with the two text encoders (they start as the tiny random CLIP pair; DDPM noise schedule
 rescaled to zero terminal SNR with v-prediction and min-SNR-5 weighting, 10% of captions dropped
 to zero embeddings, which is what SDXL pipelines use for an empty negative prompt, so
-classifier-free guidance works) with an EMA of its weights → train the judge on scenes that
+classifier-free guidance works; optionally the loss weighted up on the object, ``object_weight``)
+with an EMA of its weights → train the judge on scenes that
 include the benchmark subjects → save (UNet, VAE and judge in fp16).
 
 Why zero terminal SNR (Lin et al. 2024): with SD's schedule the last training step still leaks
@@ -186,7 +187,7 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         floor = c.layout_floor if step < c.layout_share * steps else c.snr_floor
         weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
         err = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none")
-        per_example = object_weighted_mse(err, masks[pick] if c.object_weight else None, c.object_weight)
+        per_example = object_weighted_mse(err, None if masks is None else masks[pick], c.object_weight)
         loss = (per_example * weight).mean()
         _update(opt, sched, loss, models.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
