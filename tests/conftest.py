@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from dreampeft.tiny import save_tiny_sdxl
+
+# `make test` runs two pytest-xdist workers on a 2-core machine: one thread each (and in the CLI
+# runs they start, through the environment), or four threads fight over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

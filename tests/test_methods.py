@@ -322,6 +322,29 @@ def test_dash_svd_cache_gives_the_same_launch_and_spares_the_svd(tmp_path, monke
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3  # the changed up; the broken file again
 
 
+def test_dash_svd_prefetch_keeps_the_callers_thread_count():
+    """After torch.set_num_threads(n) (pytest-xdist workers, a user's script) the thread's SVDs still
+    equal the launch's bit for bit: MKL counts threads per thread, and a new one starts from the
+    process default, which gave different last bits on the 17×40 weight."""
+    from dreampeft.adapters.svd_prefetch import SVDPrefetch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        fresh, _ = _trained_dash()
+        dp.launch_dash(fresh)
+        started = []
+        model, _ = _trained_dash(on_inject=lambda m: started.append(SVDPrefetch.start([m])))
+        started[0].join()
+        assert started[0].completed == 2
+        assert dp.dash_step(model, model.up.config.warmup_steps, None, started[0]) == ["up", "down"]
+    finally:
+        torch.set_num_threads(before)
+    for name in ("up", "down"):
+        for buf in ("dash_U", "dash_Vh"):
+            assert torch.equal(getattr(getattr(model, name), buf), getattr(getattr(fresh, name), buf))
+
+
 @pytest.mark.parametrize("cache", [False, True], ids=["in-memory", "svd-cache"])
 @pytest.mark.parametrize("when", ["thread-done", "racing", "launch-first", "closed"])
 def test_dash_svd_prefetch_gives_the_same_launch_and_decomposes_each_weight_once(tmp_path, monkeypatch, cache, when):

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .svd_cache import frozen_svd
@@ -56,6 +57,9 @@ class SVDPrefetch:
         self._done: dict[nn.Module, object] = {}
         self._busy: nn.Module | None = None
         self._stopped = False
+        # MKL keeps its thread count per thread, and a new thread starts from the process default:
+        # after torch.set_num_threads(n) the thread's SVDs differed from the launch's in the last bits
+        self._num_threads = torch.get_num_threads()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="lora-dash-svd", daemon=True)
 
@@ -92,6 +96,7 @@ class SVDPrefetch:
 
     def _run(self) -> None:
         t0 = time.perf_counter()
+        torch.set_num_threads(self._num_threads)
         while True:
             with self._cond:
                 if self._stopped or not self._pending:
