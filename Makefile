@@ -28,7 +28,7 @@ demo: $(VENV)/.deps
 	$(PY) -m dreampeft.demo
 
 # Two pytest-xdist workers of one thread each (tests/conftest.py), a test file per worker at a time
-# (module fixtures are built once): 9 min on a slow 2-core CPU where one process took 16.
+# (module fixtures are built once): 7½–9½ min on a slow 2-core CPU where one process took 16.
 test: $(VENV)/.test-deps chromium
 	$(PY) -m pytest -n 2 --dist loadfile
 
