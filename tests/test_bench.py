@@ -103,3 +103,24 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
 
     named = [f.read_text().split() for f in sorted(shapes.glob("class-*.txt"))]  # "a red circle": the words
     assert all(len(w) == 3 and w[1] in OBJECT_COLOURS and w[2] in SHAPES for w in named)  # drift measures, only
+
+
+def test_toy_noisy_loss_splits_the_error_into_layout_and_detail():
+    """bench/toy_noisy_loss.py on the shipped toy: one row per timestep, SNR falling to 0; block
+    means never hold more than the whole (mean square), so each pooled share lies in [0, 1]; and the
+    CLI prints the table."""
+    proc = subprocess.run([sys.executable, "bench/toy_noisy_loss.py", "--n", "8", "--pool", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.strip(" |").split(" | ") for line in proc.stdout.splitlines() if line.startswith("| ") and "snr" not in line]
+    from importlib import util
+
+    spec = util.spec_from_file_location("toy_noisy_loss", ROOT / "bench" / "toy_noisy_loss.py")
+    bench = util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert [int(r[0]) for r in rows] == list(bench.TIMESTEPS)
+    snr = [float(r[1]) for r in rows]
+    assert snr == sorted(snr, reverse=True) and snr[-1] == 0
+    for r in rows:
+        target, target_pooled, err, err_pooled, share = map(float, r[2:])
+        assert 0.8 < target < 1.2 and 0 < target_pooled < target and 0 < err_pooled < err and 0 < share < 1

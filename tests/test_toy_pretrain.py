@@ -65,7 +65,7 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
 def test_pretrain_object_weight_puts_the_loss_on_the_object(weight, inside, expected):
     """A quarter of the latent is object: an even error reads as plain MSE whatever the weight, and
     with weight 10 the object's share of the loss is 2.75 / 3.5 instead of 1/4."""
-    from dreampeft.toy.pretrain import object_weighted_mse
+    from dreampeft.toy.loss import object_weighted_mse
 
     masks = torch.zeros(2, 1, 4, 4)
     masks[:, :, :2, :2] = 1
@@ -73,6 +73,28 @@ def test_pretrain_object_weight_puts_the_loss_on_the_object(weight, inside, expe
     assert torch.allclose(object_weighted_mse(err, masks, weight), torch.full((2,), expected))
     even = torch.full((2, 3, 4, 4), 0.3)
     assert torch.allclose(object_weighted_mse(even, masks, weight), even.mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize("pool", [1, 2, 4])
+def test_pretrain_snr_floor_on_pooled_error_teaches_layout_not_detail(pool):
+    """The floor's extra weight at the noisiest steps falls on the error of pool × pool means: an
+    error that is even within each block costs what it costs on every pixel; a checkerboard (detail
+    with no layout) costs only min-SNR's weight. Floor 0 is min-SNR whatever the pool."""
+    from dreampeft.toy.loss import floored_v_loss
+
+    snr = torch.tensor([1175.0, 0.64, 0.02, 0.0])  # t = 0, 400, 800, 999 of the toy's schedule
+    target = torch.zeros(4, 4, 16, 16)
+    blocks = torch.randn(4, 4, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)  # even in 4 × 4 blocks
+    checker = (torch.arange(16)[:, None] + torch.arange(16)).remainder(2).mul(2).sub(1).float().expand(4, 4, 16, 16)
+    weight = snr.clamp(min=0.25, max=5) / (snr + 1)
+    mse = lambda e: e.pow(2).mean((1, 2, 3))  # noqa: E731
+    assert torch.allclose(floored_v_loss(blocks, target, snr, 0.25, pool), (mse(blocks) * weight).mean())
+    detail = floored_v_loss(checker, target, snr, 0.25, pool)
+    min_snr = (mse(checker) * snr.clamp(max=5) / (snr + 1)).mean()
+    assert torch.allclose(detail, min_snr if pool > 1 else (mse(checker) * weight).mean())
+    if pool > 1:  # the floor's steps no longer pay for detail
+        assert detail < 0.7 * (mse(checker) * weight).mean()
+    assert torch.allclose(floored_v_loss(checker, target, snr, 0.0, pool), min_snr)
 
 
 @pytest.mark.parametrize("where, attends_16, width", [("none", (False, False), 1), ("up", (False, True), 1),
@@ -95,7 +117,7 @@ def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
                                          ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
                                          ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
-                                         ("--unnamed_position", "middle")])
+                                         ("--unnamed_position", "middle"), ("--floor_pool", "3")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
+from .loss import floored_v_loss
 from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
@@ -139,16 +140,6 @@ def toy_scheduler():
                                   prediction_type="v_prediction", rescale_betas_zero_snr=True)
 
 
-def object_weighted_mse(err: torch.Tensor, masks: torch.Tensor | None, weight: float) -> torch.Tensor:
-    """Per-example mean of ``err`` (n, c, h, w) with pixels under the object (``masks`` (n, 1, h, w),
-    coverage in [0, 1]) weighted 1 + ``weight``, normalised so that an even error reads the same
-    as plain MSE: as in ``train_vae``, objects are ~10% of the latent and all of a subject."""
-    if masks is None or weight == 0:
-        return err.mean((1, 2, 3))
-    w = 1 + weight * masks.float()
-    return (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
-
-
 def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=None, masks=None):
     """``start`` = [unet, encoder, encoder_2], trained jointly; returns their EMA copies. ``masks``
     (n, 1, 16, 16): each latent's object coverage, for ``c.object_weight``.
@@ -185,10 +176,8 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         # ignores position words. Tried: the cap alone (weight 1 up to snr 4): the model then told
         # centre from corner (position 0.28 vs 0.13) but drew worse shapes (object 0.45 vs 0.62).
         floor = c.layout_floor if step < c.layout_share * steps else c.snr_floor
-        weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
-        err = F.mse_loss(pred, noise_sched.get_velocity(z0, noise, t), reduction="none")
-        per_example = object_weighted_mse(err, None if masks is None else masks[pick], c.object_weight)
-        loss = (per_example * weight).mean()
+        loss = floored_v_loss(pred, noise_sched.get_velocity(z0, noise, t), snr, floor, c.floor_pool,
+                              None if masks is None else masks[pick], c.object_weight)
         _update(opt, sched, loss, models.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -261,6 +250,9 @@ class PretrainConfig:
     # Trained on "any" with the SNR floor, the first sampling step predicts faint objects in every
     # corner for such prompts, and the sampler drew two to four of them.
     unnamed_position: str = "any"
+    # the floor's extra weight falls on the error of floor_pool × floor_pool latent means (layout,
+    # not detail; 1: on every pixel's error, as min-SNR's own weight always does)
+    floor_pool: int = 1
     unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
     attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
     unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
@@ -291,6 +283,8 @@ class PretrainConfig:
             raise ValueError(f"object_weight must lie in [0, 100] (got {self.object_weight})")
         if not 0 <= self.min_timestep <= 998:
             raise ValueError(f"min_timestep must lie in [0, 998] of the 1,000-step schedule (got {self.min_timestep})")
+        if self.floor_pool not in (1, 2, 4, 8, 16):
+            raise ValueError(f"floor_pool must divide the 16-pixel latent side: 1, 2, 4, 8 or 16 (got {self.floor_pool})")
         if not 0 < self.unet_lr < 1:
             raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
         if not 1 <= self.unet_width <= 4:
