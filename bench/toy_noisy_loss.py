@@ -42,12 +42,14 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
     ids, index = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
     sched = DDPMScheduler.from_config(toy_scheduler().config)
     ms = lambda x: x.pow(2).mean().item()  # noqa: E731
+    starts = range(0, n, batch)  # the prompts encoded once, not once per timestep
+    prompts = [encode_prompts([pipe.text_encoder, pipe.text_encoder_2], [x[index[i:i + batch]] for x in ids], "cpu")
+               for i in starts]
     rows = []
     for t in TIMESTEPS:
         sums = torch.zeros(4)
-        for i in range(0, n, batch):
-            z, pick = z0[i:i + batch], index[i:i + batch]
-            h, p = encode_prompts([pipe.text_encoder, pipe.text_encoder_2], [x[pick] for x in ids], "cpu")
+        for i, (h, p) in zip(starts, prompts):
+            z = z0[i:i + batch]
             noise, tt = torch.randn(z.shape, generator=gen), torch.full((len(z),), t)
             cond = {"text_embeds": p, "time_ids": torch.tensor([TIME_IDS], dtype=torch.float32).expand(len(z), -1)}
             target = sched.get_velocity(z, noise, tt)
