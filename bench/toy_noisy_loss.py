@@ -8,7 +8,10 @@ On the first ``n`` scenes of the pretraining set (seed 0, unnamed positions as t
 model's own encoders: per timestep, the mean square per latent pixel of the v target and of the
 model's error, each in full and of the pooled means, and the pooled share of the error. It asks
 what the SNR floor's weight at the noisiest steps pays for: a small share there says most of that
-loss is detail the caption hardly predicts (``dreampeft.toy.loss.floored_v_loss``).
+loss is detail the caption hardly predicts (``dreampeft.toy.loss.floored_v_loss``). The last
+column is the share of the error that is detail inside blocks the object touches: what
+``--floor_detail background`` leaves out of the floor; the rest of the detail (patterns, the VAE's
+sampled noise) it keeps.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.dreambooth.models import encode_prompts  # noqa: E402
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import _load  # noqa: E402
-from dreampeft.toy.pretrain import TIME_IDS, encode_latents, render_set, tokenize_captions, toy_scheduler  # noqa: E402
+from dreampeft.toy.pretrain import (TIME_IDS, encode_latents, object_masks, render_set, tokenize_captions,  # noqa: E402
+                                    toy_scheduler)
 
 TIMESTEPS = (0, 200, 400, 600, 700, 800, 900, 999)
 
@@ -37,6 +41,7 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
 
     scenes, pixels = render_set(0, n, unnamed_position=unnamed)
     mean, std = (x * pipe.vae.config.scaling_factor for x in encode_latents(pipe.vae, pixels))
+    touched = F.max_pool2d(F.avg_pool2d(object_masks(scenes).float(), 4), pool) > 0  # blocks the object touches
     gen = torch.Generator().manual_seed(1)
     z0 = mean + std * torch.randn(mean.shape, generator=gen)
     ids, index = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
@@ -47,19 +52,21 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
                for i in starts]
     rows = []
     for t in TIMESTEPS:
-        sums = torch.zeros(4)
+        sums = torch.zeros(5)
         for i, (h, p) in zip(starts, prompts):
             z = z0[i:i + batch]
             noise, tt = torch.randn(z.shape, generator=gen), torch.full((len(z),), t)
             cond = {"text_embeds": p, "time_ids": torch.tensor([TIME_IDS], dtype=torch.float32).expand(len(z), -1)}
             target = sched.get_velocity(z, noise, tt)
             err = pipe.unet(sched.add_noise(z, noise, tt), tt, h, added_cond_kwargs=cond).sample - target
-            parts = (target, F.avg_pool2d(target, pool), err, F.avg_pool2d(err, pool))
+            detail = err - F.interpolate(F.avg_pool2d(err, pool), scale_factor=pool)
+            on_object = detail * F.interpolate(touched[i:i + batch].float(), scale_factor=pool)
+            parts = (target, F.avg_pool2d(target, pool), err, F.avg_pool2d(err, pool), on_object)
             sums += torch.tensor([ms(x) * len(z) for x in parts])
-        target, target_pooled, err, err_pooled = (sums / n).tolist()
+        target, target_pooled, err, err_pooled, err_object = (sums / n).tolist()
         rows.append({"t": t, "snr": round(compute_snr(sched, torch.tensor([t])).item(), 3),
                      "target": target, "target_pooled": target_pooled, "error": err, "error_pooled": err_pooled,
-                     "pooled_share": err_pooled / err})
+                     "pooled_share": err_pooled / err, "object_detail_share": err_object / err})
     return rows
 
 
@@ -73,11 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     unnamed = json.loads(report.read_text()).get("unnamed_position", "any") if report.exists() else "any"
     pipe, _ = _load(args.model)
     print(f"{args.model}: {args.n} scenes, unnamed positions {unnamed}, pooled over {args.pool} × {args.pool}\n")
-    print("| t | snr | target | target, pooled | error | error, pooled | pooled share of the error |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| t | snr | target | target, pooled | error | error, pooled | pooled share of the error "
+          "| the object's detail's share |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in error_by_timestep(pipe, args.n, args.pool, unnamed):
         print(f"| {r['t']} | {r['snr']:g} | {r['target']:.4f} | {r['target_pooled']:.4f} | {r['error']:.4f} "
-              f"| {r['error_pooled']:.4f} | {r['pooled_share']:.2f} |")
+              f"| {r['error_pooled']:.4f} | {r['pooled_share']:.2f} | {r['object_detail_share']:.2f} |")
 
 
 if __name__ == "__main__":

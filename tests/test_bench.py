@@ -107,8 +107,8 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
 
 def test_toy_noisy_loss_splits_the_error_into_layout_and_detail():
     """bench/toy_noisy_loss.py on the shipped toy: one row per timestep, SNR falling to 0; block
-    means never hold more than the whole (mean square), so each pooled share lies in [0, 1]; and the
-    CLI prints the table."""
+    means never hold more than the whole (mean square), so each pooled share lies in [0, 1], and the
+    object's detail is a part of the rest; and the CLI prints the table."""
     proc = subprocess.run([sys.executable, "bench/toy_noisy_loss.py", "--n", "8", "--pool", "8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,5 +122,6 @@ def test_toy_noisy_loss_splits_the_error_into_layout_and_detail():
     snr = [float(r[1]) for r in rows]
     assert snr == sorted(snr, reverse=True) and snr[-1] == 0
     for r in rows:
-        target, target_pooled, err, err_pooled, share = map(float, r[2:])
+        target, target_pooled, err, err_pooled, share, on_object = map(float, r[2:])
         assert 0.8 < target < 1.2 and 0 < target_pooled < target and 0 < err_pooled < err and 0 < share < 1
+        assert 0 < on_object < 1 - share + 0.01

@@ -97,6 +97,29 @@ def test_pretrain_snr_floor_on_pooled_error_teaches_layout_not_detail(pool):
     assert torch.allclose(floored_v_loss(checker, target, snr, 0.0, pool), min_snr)
 
 
+@pytest.mark.parametrize("pool", [2, 4])
+def test_pretrain_floor_keeps_background_detail_drops_the_objects(pool):
+    """With ``background_detail`` the floor pays for detail (a checkerboard, like a patterned
+    background) in blocks the object does not touch, and not in those it does: no object is the
+    unpooled loss, an object everywhere is the pooled one, a corner object in between."""
+    from dreampeft.toy.loss import floored_v_loss
+
+    snr = torch.tensor([1175.0, 0.64, 0.02, 0.0])
+    target = torch.zeros(4, 4, 16, 16)
+    checker = (torch.arange(16)[:, None] + torch.arange(16)).remainder(2).mul(2).sub(1).float().expand(4, 4, 16, 16)
+    none, everywhere = torch.zeros(4, 1, 16, 16), torch.ones(4, 1, 16, 16)
+    corner = none.clone()
+    corner[:, :, :2, :2] = 0.5  # inside the first block whatever the pool
+    loss = lambda m: floored_v_loss(checker, target, snr, 0.25, pool, m, background_detail=True)  # noqa: E731
+    assert torch.allclose(loss(none), floored_v_loss(checker, target, snr, 0.25, 1))
+    assert torch.allclose(loss(everywhere), floored_v_loss(checker, target, snr, 0.25, pool))
+    weight, min_snr = snr.clamp(min=0.25, max=5) / (snr + 1), snr.clamp(max=5) / (snr + 1)
+    free = 1 - (pool / 16) ** 2  # the share of pixels outside the object's block
+    assert torch.allclose(loss(corner), (min_snr + (weight - min_snr) * free).mean())
+    with pytest.raises(ValueError, match="masks"):
+        floored_v_loss(checker, target, snr, 0.25, pool, None, background_detail=True)
+
+
 @pytest.mark.parametrize("where, attends_16, width", [("none", (False, False), 1), ("up", (False, True), 1),
                                                       ("both", (True, True), 1), ("none", (False, False), 2)])
 def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
@@ -117,7 +140,8 @@ def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
                                          ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
                                          ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
-                                         ("--unnamed_position", "middle"), ("--floor_pool", "3")])
+                                         ("--unnamed_position", "middle"), ("--floor_pool", "3"),
+                                         ("--floor_detail", "edges")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 

@@ -17,17 +17,34 @@ def object_weighted_mse(err: torch.Tensor, masks: torch.Tensor | None, weight: f
     return (err * w).sum((1, 2, 3)) / (w.sum((1, 2, 3)) * err.shape[1])
 
 
-def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, object_weight: float = 0.0):
+FLOOR_DETAIL = ("none", "background")  # what detail the floor's extra weight keeps beside the block means
+
+
+def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, object_weight: float = 0.0,
+                   background_detail: bool = False):
     """The UNet's loss: min-SNR-5's v weight ``min(snr, 5) / (snr + 1)`` on every pixel's error, plus
     what the SNR floor adds at the noisiest steps (``max(snr, floor)``'s excess) on the error of
     ``pool`` × ``pool`` latent means. At t → 1000 the v target is −x0 from the caption alone: its
     layout (corner, background) is predictable, its detail (edges, the VAE's sampled noise) hardly,
     and detail is most of the error there (63–79% at t ≥ 800 on a width-2 base trained with floor
-    0.1: ``bench/toy_noisy_loss.py``)."""
+    0.1: ``bench/toy_noisy_loss.py``).
+
+    ``background_detail``: the floor's excess also falls on the detail of the blocks that ``masks``
+    (object coverage, needed then) leaves untouched. A background's pattern is fixed by its word
+    (period 4 latent pixels: 4 × 4 means erase it, and a base trained so drew patterns at 0.63);
+    the object's outline is not. With no object anywhere this is the unpooled loss."""
     weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
     per_example = object_weighted_mse(F.mse_loss(pred, target, reduction="none"), masks, object_weight)
     if pool == 1:
         return (per_example * weight).mean()
     min_snr = snr.clamp(max=5.0) / (snr + 1)
-    coarse = F.mse_loss(F.avg_pool2d(pred, pool), F.avg_pool2d(target, pool), reduction="none").mean((1, 2, 3))
-    return (per_example * min_snr + coarse * (weight - min_snr)).mean()
+    err = pred - target
+    coarse = F.avg_pool2d(err, pool)
+    floored = coarse.pow(2).mean((1, 2, 3))  # per pixel: a block's mean square is its mean's square + its detail's
+    if background_detail:
+        if masks is None:
+            raise ValueError("background_detail needs the object masks: which blocks the object touches")
+        free = F.interpolate((F.max_pool2d(masks.float(), pool) == 0).float(), scale_factor=pool)
+        detail = (err - F.interpolate(coarse, scale_factor=pool)).pow(2)
+        floored = floored + (detail * free).mean((1, 2, 3))
+    return (per_example * min_snr + floored * (weight - min_snr)).mean()

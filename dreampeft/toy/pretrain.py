@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
-from .loss import floored_v_loss
+from .loss import FLOOR_DETAIL, floored_v_loss
 from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
@@ -177,7 +177,8 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         # centre from corner (position 0.28 vs 0.13) but drew worse shapes (object 0.45 vs 0.62).
         floor = c.layout_floor if step < c.layout_share * steps else c.snr_floor
         loss = floored_v_loss(pred, noise_sched.get_velocity(z0, noise, t), snr, floor, c.floor_pool,
-                              None if masks is None else masks[pick], c.object_weight)
+                              None if masks is None else masks[pick], c.object_weight,
+                              background_detail=c.floor_detail == "background")
         _update(opt, sched, loss, models.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -253,6 +254,9 @@ class PretrainConfig:
     # the floor's extra weight falls on the error of floor_pool × floor_pool latent means (layout,
     # not detail; 1: on every pixel's error, as min-SNR's own weight always does)
     floor_pool: int = 1
+    # "background": the floor also pays for the detail of blocks the object does not touch (the
+    # caption fixes a striped, checkered or dotted background's pattern; K = 4 means average it away)
+    floor_detail: str = "none"
     unet_lr: float = 1e-3  # AdamW, for the UNet and both text encoders (warm-up, then cosine)
     attention_16: str = "none"  # attention at the 16×16 level too: none, up (last up block) or both
     unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
@@ -285,6 +289,10 @@ class PretrainConfig:
             raise ValueError(f"min_timestep must lie in [0, 998] of the 1,000-step schedule (got {self.min_timestep})")
         if self.floor_pool not in (1, 2, 4, 8, 16):
             raise ValueError(f"floor_pool must divide the 16-pixel latent side: 1, 2, 4, 8 or 16 (got {self.floor_pool})")
+        if self.floor_detail not in FLOOR_DETAIL:
+            raise ValueError(f"floor_detail must be one of {', '.join(FLOOR_DETAIL)} (got {self.floor_detail!r})")
+        if self.floor_detail != "none" and self.floor_pool == 1:
+            raise ValueError("floor_detail needs --floor_pool 2 or more: at 1 the floor already weighs every pixel's error")
         if not 0 < self.unet_lr < 1:
             raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
         if not 1 <= self.unet_width <= 4:
@@ -353,7 +361,8 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
         start = [before.unet, before.text_encoder, before.text_encoder_2]
     else:  # the tiny random CLIP pair, and a UNet drawn from the seed
         start = [build_toy_unet(seed, c.attention_16, c.unet_width), pipe.text_encoder, pipe.text_encoder_2]
-    masks = F.avg_pool2d(object_masks(scenes).float() / 255, 4).half() if c.object_weight else None
+    need_masks = c.object_weight or c.floor_detail == "background"
+    masks = F.avg_pool2d(object_masks(scenes).float() / 255, 4).half() if need_masks else None
     unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot, masks)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
