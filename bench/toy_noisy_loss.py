@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.dreambooth.models import encode_prompts  # noqa: E402
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import _load  # noqa: E402
+from dreampeft.toy.loss import block_detail, untouched_blocks  # noqa: E402
 from dreampeft.toy.pretrain import (TIME_IDS, encode_latents, object_masks, render_set, tokenize_captions,  # noqa: E402
                                     toy_scheduler)
 
@@ -41,7 +42,7 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
 
     scenes, pixels = render_set(0, n, unnamed_position=unnamed)
     mean, std = (x * pipe.vae.config.scaling_factor for x in encode_latents(pipe.vae, pixels))
-    touched = F.max_pool2d(F.avg_pool2d(object_masks(scenes).float(), 4), pool) > 0  # blocks the object touches
+    on_object = 1 - untouched_blocks(F.avg_pool2d(object_masks(scenes).float(), 4), pool)
     gen = torch.Generator().manual_seed(1)
     z0 = mean + std * torch.randn(mean.shape, generator=gen)
     ids, index = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
@@ -59,9 +60,8 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
             cond = {"text_embeds": p, "time_ids": torch.tensor([TIME_IDS], dtype=torch.float32).expand(len(z), -1)}
             target = sched.get_velocity(z, noise, tt)
             err = pipe.unet(sched.add_noise(z, noise, tt), tt, h, added_cond_kwargs=cond).sample - target
-            detail = err - F.interpolate(F.avg_pool2d(err, pool), scale_factor=pool)
-            on_object = detail * F.interpolate(touched[i:i + batch].float(), scale_factor=pool)
-            parts = (target, F.avg_pool2d(target, pool), err, F.avg_pool2d(err, pool), on_object)
+            coarse, detail = block_detail(err, pool)
+            parts = (target, F.avg_pool2d(target, pool), err, coarse, detail * on_object[i:i + batch])
             sums += torch.tensor([ms(x) * len(z) for x in parts])
         target, target_pooled, err, err_pooled, err_object = (sums / n).tolist()
         rows.append({"t": t, "snr": round(compute_snr(sched, torch.tensor([t])).item(), 3),

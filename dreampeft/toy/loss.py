@@ -20,6 +20,19 @@ def object_weighted_mse(err: torch.Tensor, masks: torch.Tensor | None, weight: f
 FLOOR_DETAIL = ("none", "background")  # what detail the floor's extra weight keeps beside the block means
 
 
+def block_detail(err: torch.Tensor, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``err`` split into its ``pool`` × ``pool`` block means and what they average away (the detail,
+    same shape as ``err``): per pixel, a block's mean square is its mean's square plus its detail's."""
+    coarse = F.avg_pool2d(err, pool)
+    return coarse, err - F.interpolate(coarse, scale_factor=pool)
+
+
+def untouched_blocks(masks: torch.Tensor, pool: int) -> torch.Tensor:
+    """1 on the latent pixels of the ``pool`` × ``pool`` blocks where ``masks`` (n, 1, h, w object
+    coverage) is 0 everywhere, else 0."""
+    return F.interpolate((F.max_pool2d(masks.float(), pool) == 0).float(), scale_factor=pool)
+
+
 def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, object_weight: float = 0.0,
                    background_detail: bool = False):
     """The UNet's loss: min-SNR-5's v weight ``min(snr, 5) / (snr + 1)`` on every pixel's error, plus
@@ -38,13 +51,10 @@ def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, o
     if pool == 1:
         return (per_example * weight).mean()
     min_snr = snr.clamp(max=5.0) / (snr + 1)
-    err = pred - target
-    coarse = F.avg_pool2d(err, pool)
-    floored = coarse.pow(2).mean((1, 2, 3))  # per pixel: a block's mean square is its mean's square + its detail's
+    coarse, detail = block_detail(pred - target, pool)
+    floored = coarse.pow(2).mean((1, 2, 3))
     if background_detail:
         if masks is None:
             raise ValueError("background_detail needs the object masks: which blocks the object touches")
-        free = F.interpolate((F.max_pool2d(masks.float(), pool) == 0).float(), scale_factor=pool)
-        detail = (err - F.interpolate(coarse, scale_factor=pool)).pow(2)
-        floored = floored + (detail * free).mean((1, 2, 3))
+        floored = floored + (detail.pow(2) * untouched_blocks(masks, pool)).mean((1, 2, 3))
     return (per_example * min_snr + floored * (weight - min_snr)).mean()
