@@ -38,8 +38,8 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
 
     tiny = ["--vae_steps", "2", "--unet_steps", "2", "--judge_steps", "2", "--n_images", "32", "--batch", "8",
             "--eval_captions", "6"]
-    assert main(["pretrain", str(tmp_path / "full"), *tiny]) == 0
-    assert main(["pretrain", str(tmp_path / "reuse"), *tiny, "--vae", str(tmp_path / "full")]) == 0
+    assert main(["pretrain", str(tmp_path / "full"), *tiny, "--unet_width", "2"]) == 0
+    assert main(["pretrain", str(tmp_path / "reuse"), *tiny, "--unet_width", "2", "--vae", str(tmp_path / "full")]) == 0
     for part in ("unet", "vae", "text_encoder"):
         name = "diffusion_pytorch_model" if part != "text_encoder" else "model"
         a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "reuse"))
@@ -52,6 +52,8 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
         a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "more"))
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), part
         assert all(torch.equal(a[k], b[k]) for k in a) == (part == "vae"), part
+    more = json.loads((tmp_path / "more" / "pretrain_report.json").read_text())
+    assert (more["unet_width"], more["attention_16"]) == (2, "none")  # the folder's UNet, not the flags' defaults
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
     assert "architecture is the folder's" in capsys.readouterr().err
@@ -123,10 +125,11 @@ def test_pretrain_floor_keeps_background_detail_drops_the_objects(pool):
 @pytest.mark.parametrize("where, attends_16, width", [("none", (False, False), 1), ("up", (False, True), 1),
                                                       ("both", (True, True), 1), ("none", (False, False), 2)])
 def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
-    from dreampeft.toy.models import build_toy_unet
+    from dreampeft.toy.models import build_toy_unet, toy_unet_shape
 
     unet = build_toy_unet(0, where, width)
     assert tuple(unet.config.block_out_channels) == (32 * width, 64 * width, 128 * width)
+    assert toy_unet_shape(unet) == (width, where)  # what the report records
     first_down, last_up = unet.down_blocks[0], unet.up_blocks[-1]
     assert (hasattr(first_down, "attentions"), hasattr(last_up, "attentions")) == attends_16
     out = unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, unet.config.cross_attention_dim),

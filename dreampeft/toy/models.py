@@ -39,6 +39,15 @@ def build_toy_unet(seed: int = 0, attention_16: str = "none", width: int = 1):
         projection_class_embeddings_input_dim=6 * TIME_DIM + TE2_PROJ)
 
 
+def toy_unet_shape(unet) -> tuple[int, str]:
+    """(unet_width, attention_16) of a UNet ``build_toy_unet`` built: what a report records, read off
+    the model itself (after ``--init`` the flags' defaults are not the folder's)."""
+    cfg = unet.config
+    attention_16 = ("both" if cfg.down_block_types[0].startswith("CrossAttn")
+                    else "up" if cfg.up_block_types[-1].startswith("CrossAttn") else "none")
+    return cfg.block_out_channels[0] // 32, attention_16
+
+
 def build_toy_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 

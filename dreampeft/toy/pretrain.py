@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
 from .loss import FLOOR_DETAIL, floored_v_loss
-from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels
+from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels, toy_unet_shape
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
 
@@ -378,6 +378,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, out / "judge.safetensors")
     report = {**asdict(c), "scaling_factor": scale, **{k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.perf_counter() - t0, 1), "curve": curve}
+    report["unet_width"], report["attention_16"] = toy_unet_shape(pipe.unet)  # --init: the folder's, not the flags'
     pipe.unet.float(), pipe.vae.float()
     report["prompt_following"] = prompt_following(pipe, judge.float(), n=c.eval_captions)
     (out / "pretrain_report.json").write_text(json.dumps(report, indent=1) + "\n")
