@@ -29,7 +29,7 @@ from dreampeft.dreambooth.models import encode_prompts  # noqa: E402
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import _load  # noqa: E402
 from dreampeft.toy.loss import block_detail, untouched_blocks  # noqa: E402
-from dreampeft.toy.pretrain import (TIME_IDS, encode_latents, object_masks, render_set, tokenize_captions,  # noqa: E402
+from dreampeft.toy.pretrain import (TIME_IDS, encode_latents, latent_object_masks, render_set, tokenize_captions,  # noqa: E402
                                     toy_scheduler)
 
 TIMESTEPS = (0, 200, 400, 600, 700, 800, 900, 999)
@@ -42,7 +42,7 @@ def error_by_timestep(pipe, n: int, pool: int, unnamed: str = "any", batch: int 
 
     scenes, pixels = render_set(0, n, unnamed_position=unnamed)
     mean, std = (x * pipe.vae.config.scaling_factor for x in encode_latents(pipe.vae, pixels))
-    on_object = 1 - untouched_blocks(F.avg_pool2d(object_masks(scenes).float(), 4), pool)
+    on_object = 1 - untouched_blocks(latent_object_masks(scenes), pool)
     gen = torch.Generator().manual_seed(1)
     z0 = mean + std * torch.randn(mean.shape, generator=gen)
     ids, index = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])

@@ -47,11 +47,12 @@ def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, o
     (period 4 latent pixels: 4 × 4 means erase it, and a base trained so drew patterns at 0.63);
     the object's outline is not. With no object anywhere this is the unpooled loss."""
     weight = snr.clamp(min=floor, max=5.0) / (snr + 1)
-    per_example = object_weighted_mse(F.mse_loss(pred, target, reduction="none"), masks, object_weight)
+    err = pred - target
+    per_example = object_weighted_mse(err.pow(2), masks, object_weight)
     if pool == 1:
         return (per_example * weight).mean()
     min_snr = snr.clamp(max=5.0) / (snr + 1)
-    coarse, detail = block_detail(pred - target, pool)
+    coarse, detail = block_detail(err, pool)
     floored = coarse.pow(2).mean((1, 2, 3))
     if background_detail:
         if masks is None:

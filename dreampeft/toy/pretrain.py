@@ -90,6 +90,11 @@ def _update(opt, sched, loss, clip_params=None) -> None:
     sched.step()
 
 
+def latent_object_masks(scenes) -> torch.Tensor:
+    """(n, 1, 16, 16): the object's coverage in [0, 1] of each latent pixel (the VAE downsamples 4×)."""
+    return F.avg_pool2d(object_masks(scenes).float() / 255, 4)
+
+
 def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
               object_weight: float = 10.0):
     """``masks`` from ``object_masks``; the loss weight is 1 + ``object_weight`` there. Objects cover
@@ -362,7 +367,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     else:  # the tiny random CLIP pair, and a UNet drawn from the seed
         start = [build_toy_unet(seed, c.attention_16, c.unet_width), pipe.text_encoder, pipe.text_encoder_2]
     need_masks = c.object_weight or c.floor_detail == "background"
-    masks = F.avg_pool2d(object_masks(scenes).float() / 255, 4).half() if need_masks else None
+    masks = latent_object_masks(scenes).half() if need_masks else None
     unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot, masks)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
