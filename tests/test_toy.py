@@ -181,15 +181,24 @@ def test_toy_vae_keeps_shapes_and_colours(toy):
     assert (read == HEADS["object"].index("striped_ball")).float().mean().item() > 0.85
 
 
+FLOORS = {"object": 0.90, "colour": 0.95, "background": 0.95, "position": 0.80, "size": 0.95}  # issue 17
+
+
 def test_toy_model_follows_prompts(toy):
-    """Object, colour, background and size of generations follow the prompt far above chance (1/4,
-    1/6, 1/9, 1/2); measured on these 24 prompts: 0.54, 1.0, 0.88, 0.96 (the toy before with a
-    plain-MSE VAE: 0.33, 0.54, 0.83). Position does not (0.25 vs 1/5): the README says so."""
-    acc = prompt_following(*toy, n=24, seed=7)
-    assert acc["object"] > 0.35 and acc["colour"] > 0.7 and acc["background"] > 0.8 and acc["size"] > 0.8, acc
+    """The shipped base follows every word of a full caption (chance: 1/4, 1/6, 1/9, 1/5, 1/2): on
+    the 60 captions of ``pretrain_report.json`` it meets issue 17's floors (measured 0.933, 1.0, 1.0,
+    0.90, 1.0 — the report's figures, reproduced), and on 24 other captions it keeps them with the
+    margins measured there (1.0, 1.0, 1.0, 0.958, 1.0; one miss in 24 is 0.042). The toy before it
+    read 0.55, 0.93, 0.87, 0.20 (corners ignored), 0.92."""
+    report = json.loads((TOY_MODEL / "pretrain_report.json").read_text())["prompt_following"]
+    acc = prompt_following(*toy)
+    assert acc == pytest.approx(report, abs=0.02), (acc, report)
+    assert all(acc[h] >= floor for h, floor in FLOORS.items()), acc
+    other = prompt_following(*toy, n=24, seed=7)
+    assert all(other[h] >= floor for h, floor in FLOORS.items()), other
 
 
-def _star_run(toy, tmp_path, images: int = 2, **options) -> tuple[dict, dict]:
+def _star_run(toy, tmp_path, images: int = 2, steps: int = BENCH_STEPS, **options) -> tuple[dict, dict]:
     """The benchmark's setting on the star with LoRA: (score before, score after), ``images`` seeds per prompt."""
     from dreampeft.pipeline import load_into_pipeline, unload
     from dreampeft.toy.bench import generations
@@ -198,7 +207,7 @@ def _star_run(toy, tmp_path, images: int = 2, **options) -> tuple[dict, dict]:
     folder = write_subject("star", tmp_path / "star")
     prompts, drawn = generations(pipe, seeds=images)
     before = score(judge, drawn, prompts, "star")
-    train_subject(TOY_MODEL, folder, "lora", tmp_path / "run", steps=BENCH_STEPS, **options)
+    train_subject(TOY_MODEL, folder, "lora", tmp_path / "run", steps=steps, **options)
     load_into_pipeline(pipe, tmp_path / "run")
     try:
         return before, score(judge, generations(pipe, seeds=images)[1], prompts, "star")
@@ -213,19 +222,20 @@ def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
     assert after["subject"] > before["subject"] + 0.2, (before, after)
 
 
-def test_the_bench_recipe_keeps_prompt_fidelity(toy, tmp_path):
-    """The bench's recipe (prior preservation on the base's own captioned images, caption dropout)
-    keeps prompt fidelity at ≥ 0.85× the base's, which the defaults do not (0.55×, above), and still
-    learns a little of the star. Measured here (the bench's first training seed, 4 images per
-    prompt): prompt 0.679 → 0.607 (0.89×), subject 0.155 → 0.201 — a thin margin, deterministic on
-    this CPU; over 3 training seeds the bench measured 0.212 ± 0.082."""
+def test_the_demo_recipe_draws_the_star_and_keeps_the_prompt(toy, tmp_path):
+    """Issue 17's check on the shipped base: a short run of the recipe that draws the subject
+    (``locon``: kohya's conv LoRA, prior preservation on the base's "a object", batches of all 5
+    images; LoRA, 200 steps) raises the star's subject fidelity by a wide margin while prompt
+    fidelity stays over 0.8× the base's. Measured here (2 images per recontext prompt): subject
+    0.106 → 0.507, prompt 0.929 → 0.857 (0.92×)."""
     from dreampeft.toy.bench import write_masks
-    from dreampeft.toy.recipe import recipe_options, write_class_images
+    from dreampeft.toy.recipe import class_images_if_needed, recipe_config, recipe_options
 
-    options = recipe_options("prior", write_class_images(toy[0], tmp_path / "class"), write_masks("star", tmp_path / "masks"))
-    before, after = _star_run(toy, tmp_path, images=4, **options)
-    assert after["prompt"] >= 0.85 * before["prompt"], (before, after)
-    assert after["subject"] > before["subject"] + 0.03, (before, after)
+    class_dir = class_images_if_needed(toy[0], tmp_path / "class", recipe_config("locon"))
+    options = recipe_options("locon", class_dir, write_masks("star", tmp_path / "masks"))
+    before, after = _star_run(toy, tmp_path, steps=200, **options)
+    assert after["subject"] > before["subject"] + 0.25, (before, after)
+    assert after["prompt"] >= 0.8 * before["prompt"], (before, after)
 
 
 def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_path, capsys):
