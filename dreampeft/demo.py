@@ -31,9 +31,10 @@ from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
 # LoRA-Dash on the recipe that draws the star, 500 steps: under the 5-minute budget on a 2-core CPU.
-# The shipped toy's UNet is 2× wide (issue 17), so a step costs ~3× the old one's: the recipe's 1,000
-# steps took 8 min 39 s here (star 0.82, prompt 0.75× the base's) and 500 took 4 min 41 s (star
-# 0.63, prompt 0.83×; README). One method fits; --methods lora,lora_dash doubles the time.
+# The shipped toy's UNet is 2× wide (issue 17), so a step costs ~3.6× the first toy's: on its stage-1
+# base the recipe's 1,000 steps took 8 min 39 s (star 0.82) and 500 took 4 min 41 s; on the shipped
+# toy 500 steps draw the star at 0.43 with 0.92× the base's prompt fidelity (README). One method
+# fits; --methods lora,lora_dash doubles the time.
 DEFAULT_RECIPE, DEFAULT_METHODS, DEFAULT_STEPS = "locon", "lora_dash", 500
 
 
