@@ -50,7 +50,7 @@ def test_subject_fidelity_rises_and_every_evaluation_is_recorded(toy_run):
     assert [e["step"] for e in events] == [0, 20, 40] and events[1]["subject"] == pytest.approx(rows[1]["subject"])
     # measured on this recipe (10 DPM-Solver++ steps per image) on the toy shipped in session 25 (2× wide,
     # rate 5e-3): the star's probability 0.185 at step 0, 0.194 and 0.218 at steps 20 and 40 (at the
-    # first toy's 2e-3 it rose only 0.014 in 40 steps; the first toy read 0.221, 0.253, 0.209)
+    # rate used before, 2e-3, it rose only 0.014 in 40 steps here; the first toy read 0.221, 0.253, 0.209)
     assert max(r["subject"] for r in rows[1:]) >= rows[0]["subject"] + 0.02, rows
     assert rows[0]["drift"] == 0 and all(0 <= r["drift"] <= 2 for r in rows)
     assert all((out / "eval" / f"step-{int(r['step']):06d}" / "dreampeft_adapter.safetensors").exists() for r in rows)
