@@ -217,7 +217,8 @@ def _star_run(toy, tmp_path, images: int = 2, steps: int = BENCH_STEPS, **option
 
 def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
     """The trainer's defaults. Measured: LoRA at 300 steps moved the star's subject fidelity from
-    0.04 to 0.36 on the first toy (not re-measured on the 2×-wide one, where it passes) (2 seeds per prompt, as `make demo`) — and prompt fidelity from 0.79 to 0.43."""
+    0.04 to 0.36 on the first toy (2 seeds per prompt) — and prompt fidelity from 0.79 to 0.43; not
+    re-measured on the 2×-wide toy, where it passes."""
     before, after = _star_run(toy, tmp_path)
     assert after["subject"] > before["subject"] + 0.2, (before, after)
 
