@@ -38,8 +38,8 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
 
     tiny = ["--vae_steps", "2", "--unet_steps", "2", "--judge_steps", "2", "--n_images", "32", "--batch", "8",
             "--eval_captions", "6"]
-    assert main(["pretrain", str(tmp_path / "full"), *tiny, "--unet_width", "2"]) == 0
-    assert main(["pretrain", str(tmp_path / "reuse"), *tiny, "--unet_width", "2", "--vae", str(tmp_path / "full")]) == 0
+    assert main(["pretrain", str(tmp_path / "full"), *tiny, "--attention_16", "up"]) == 0
+    assert main(["pretrain", str(tmp_path / "reuse"), *tiny, "--attention_16", "up", "--vae", str(tmp_path / "full")]) == 0
     for part in ("unet", "vae", "text_encoder"):
         name = "diffusion_pytorch_model" if part != "text_encoder" else "model"
         a, b = (load_file(tmp_path / run / part / f"{name}.safetensors") for run in ("full", "reuse"))
@@ -53,7 +53,9 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), part
         assert all(torch.equal(a[k], b[k]) for k in a) == (part == "vae"), part
     more = json.loads((tmp_path / "more" / "pretrain_report.json").read_text())
-    assert (more["unet_width"], more["attention_16"]) == (2, "none")  # the folder's UNet, not the flags' defaults
+    assert (more["unet_width"], more["attention_16"]) == (1, "up")  # the folder's UNet, not the flags' defaults
+    for config in (tmp_path / "more").glob("*/config.json"):  # nothing of the earlier stage's folder
+        assert str(tmp_path) not in config.read_text(), config
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
     assert "architecture is the folder's" in capsys.readouterr().err

@@ -314,6 +314,16 @@ class PretrainConfig:
             raise ValueError("init: the UNet's architecture is the folder's; drop unet_width and attention_16")
 
 
+def _forget_origin(out: Path) -> None:
+    """diffusers writes the folder a component was loaded from (``_name_or_path``) into its saved
+    config; after ``--init`` that is the earlier stage's temporary folder, which means nothing to
+    whoever loads this one (transformers drops the key itself)."""
+    for path in out.glob("*/config.json"):
+        config = json.loads(path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=print) -> Path:
     """Everything above, end to end; returns ``out`` (a StableDiffusionXLPipeline folder)."""
     from ..tiny import build_tiny_sdxl
@@ -378,6 +388,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     # text encoders stay float32: transformers would load fp16 ones as fp16.
     pipe.unet.half(), pipe.vae.half()
     pipe.save_pretrained(out)
+    _forget_origin(out)
     from safetensors.torch import save_file
 
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, out / "judge.safetensors")
