@@ -3,15 +3,17 @@ instance images and see whether even that draws the subject — and at how many 
 
     python bench/toy_ceiling.py [--subject star] [--steps 500,1000,2000] [--params all|attentions|resnets]
                                 [--prior 5 [--class_captions world|object|plain] [--class_dir DIR]] [--captions]
+                                [--images 4] [--class_images 48] [--drift_captions 60]
 
 No adapter reaches further than full fine-tuning, so this separates "the toy cannot learn the
 subject in this budget" from "this adapter cannot". Frozen text encoders (the UNet sees "a sks
 object" through the base's encoders), v-prediction MSE on the base's own schedule, AdamW at
 1e-4, batch = all 5 instance images (VAE means), ``--seed`` 0. Judged like the bench: subject fidelity on
-8 images of the instance prompt itself and on the recontext prompts (4 images each), and prompt
+8 images of the instance prompt itself and on the recontext prompts (4 images each, ``--images``), and prompt
 fidelity, and **drift**: how often 60 full world captions ("a red circle ...") still get their shape
-(``evaluate.prompt_following``'s object accuracy; the base's 0.55), so that a subject drawn for every
-prompt is not read as composition. On this 2-core CPU a step is ~0.09 s (~3 min for 2,000 steps).
+(``evaluate.prompt_following``'s object accuracy; the shipped base's 0.93, the first toy's 0.55), so
+that a subject drawn for every prompt is not read as composition. On this 2-core CPU a step of the
+first toy was ~0.09 s (~3 min for 2,000 steps); the shipped toy's UNet is 2× wide and ~3× dearer.
 ``--prior N`` adds N class images drawn by the base to every step at weight 1: the bench's full world
 captions, "a object ..." naming some of size, corner and background (``--class_captions object``),
 or DreamBooth's bare class prompt "a object" (``plain``); ``--captions`` captions the instance images
@@ -35,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
 from dreampeft.toy.evaluate import _pixels, generate, prompt_following  # noqa: E402
-from dreampeft.toy.recipe import CLASS_CAPTIONS, write_class_images  # noqa: E402
+from dreampeft.toy.bench import DRIFT_CAPTIONS  # noqa: E402
+from dreampeft.toy.recipe import CLASS_CAPTIONS, CLASS_IMAGES, write_class_images  # noqa: E402
 from dreampeft.toyworld import ALL_SUBJECTS, instance_caption, render, subject_scenes  # noqa: E402
 from dreampeft.utils import image_grid  # noqa: E402
 
@@ -54,11 +57,11 @@ def _encoded(pipe, images: list, captions: list[str]) -> tuple[torch.Tensor, tor
 
 def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-4, prior: int = 0,
               class_dir: Path | None = None, class_captions: str = "world", captions: bool = False, seed: int = 0,
-              log=print):
-    """Yield (step, images of the instance prompt, recontext images) at each of ``steps``. ``prior``:
-    that many class images from ``class_dir`` (drawn there once by ``recipe.write_class_images``, captioned
-    as ``CLASS_CAPTIONS[class_captions]`` says) join every batch at weight 1, as the trainer's prior
-    preservation does.
+              images: int = 4, class_images: int = CLASS_IMAGES, log=print):
+    """Yield (step, 2 × ``images`` images of the instance prompt, (recontext prompts, ``images`` images
+    of each)) at each of ``steps``. ``prior``: that many class images from ``class_dir`` (``class_images``
+    drawn there once by ``recipe.write_class_images``, captioned as ``CLASS_CAPTIONS[class_captions]``
+    says) join every batch at weight 1, as the trainer's prior preservation does.
     ``captions``: each instance image is captioned with what it shows besides the subject
     (``instance_caption``), not "a sks object"."""
     from diffusers import DDPMScheduler
@@ -68,7 +71,7 @@ def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-
     scenes = subject_scenes(subject, 5)
     batch = _encoded(pipe, [render(s) for s in scenes], [instance_caption(s) if captions else INSTANCE_PROMPT for s in scenes])
     if prior:
-        folder = write_class_images(pipe, class_dir, **CLASS_CAPTIONS[class_captions])
+        folder = write_class_images(pipe, class_dir, n=class_images, **CLASS_CAPTIONS[class_captions])
         shots = sorted(folder.glob("class-*.png"))
         klass = _encoded(pipe, [Image.open(f) for f in shots], [f.with_suffix(".txt").read_text().strip() for f in shots])
     unet = pipe.unet.train().requires_grad_(False)
@@ -88,7 +91,7 @@ def fine_tune(pipe, subject: str, steps: list[int], params: str, lr: float = 1e-
         if step in steps:
             unet.eval()
             log(f"step {step}: {time.perf_counter() - t0:.0f} s")
-            yield step, generate(pipe, [INSTANCE_PROMPT] * 8, seed=0), generations(pipe, 4)
+            yield step, generate(pipe, [INSTANCE_PROMPT] * 2 * images, seed=0), generations(pipe, images)
             unet.train()
 
 
@@ -117,7 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="training seed (one run's figures swing by ±0.2: "
                     "compare runs over several)")
     ap.add_argument("--grid", default=None, help="save the last step's images here (PNG)")
+    ap.add_argument("--images", type=int, default=4, help="images per recontext prompt (twice as many of the "
+                    "instance prompt) at each judged step")
+    ap.add_argument("--class_images", type=int, default=CLASS_IMAGES, help="class images drawn for --prior")
+    ap.add_argument("--drift_captions", type=int, default=DRIFT_CAPTIONS, help="world captions per drift reading")
     args = ap.parse_args(argv)
+    for flag in ("images", "class_images", "drift_captions"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     steps = sorted(int(s) for s in args.steps.split(","))
     kind = args.class_captions
     class_dir = Path(args.class_dir or "toy_ceiling_class" + ("" if kind == "world" else f"_{kind}"))
@@ -125,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {args.subject}, {args.params} | step | subject: instance prompt | subject: recontext | prompt | drift: object |")
     print("|---|---:|---:|---:|---:|---:|")
     along = fine_tune(pipe, args.subject, steps, args.params, prior=args.prior, class_dir=class_dir, class_captions=kind,
-                      captions=args.captions, seed=args.seed, log=lambda m: print(m, file=sys.stderr, flush=True))
+                      captions=args.captions, seed=args.seed, images=args.images, class_images=args.class_images,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
     for step, own, (prompts, drawn) in along:
         a, b = score(judge, own, [INSTANCE_PROMPT] * len(own), args.subject), score(judge, drawn, prompts, args.subject)
-        world = prompt_following(pipe, judge)["object"]
+        world = prompt_following(pipe, judge, n=args.drift_captions)["object"]
         print(f"| | {step} | {a['subject']:.3f} | {b['subject']:.3f} | {b['prompt']:.3f} | {world:.3f} |", flush=True)
         if args.grid and step == steps[-1]:
-            image_grid([own, drawn[::4]]).save(args.grid)
+            image_grid([own, drawn[::args.images]]).save(args.grid)
 
 
 if __name__ == "__main__":

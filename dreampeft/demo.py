@@ -26,7 +26,7 @@ from .adapters import METHODS, ConfigError
 from .presets import parse_methods
 from .adapters.base import conv_methods, conv_targets
 from .toy.bench import DRIFT_CAPTIONS, check_recipe, results_table, run_bench
-from .toy.recipe import RECIPES, recipe_steps
+from .toy.recipe import CLASS_IMAGES, RECIPES, recipe_steps
 from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"trainer options (toy/recipe.py; default: {DEFAULT_RECIPE})")
     parser.add_argument("--drift_captions", type=int, default=DRIFT_CAPTIONS,
                         help="world captions drawn per run for the drift column; 0 leaves it out")
+    parser.add_argument("--class_images", type=int, default=None, help=f"class images the base draws for the "
+                        f"recipe's prior preservation (default: the recipe's, {CLASS_IMAGES})")
     parser.add_argument("--subject", default="star", choices=sorted(SUBJECTS))
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder")
     args = parser.parse_args(argv)
@@ -68,10 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     if args.drift_captions < 0:
         parser.error(f"--drift_captions must be 0 or more (got {args.drift_captions})")
+    if args.class_images is not None and args.class_images < 1:
+        parser.error(f"--class_images must be at least 1 (got {args.class_images})")
+    overrides = {"num_class_images": args.class_images} if args.class_images else None
     t0, out = time.perf_counter(), Path(args.out)
     steps = args.steps or (DEFAULT_STEPS if args.recipe == DEFAULT_RECIPE else None)
     results = run_bench(args.model, out, methods, steps, seeds=2, subjects=[args.subject],
-                        recipe=args.recipe, drift=args.drift_captions, log=lambda msg: print(msg, flush=True))
+                        recipe=args.recipe, drift=args.drift_captions, overrides=overrides,
+                        log=lambda msg: print(msg, flush=True))
     print("\n" + results_table(results, ["base", *methods], [args.subject]))
     print(f"\ngrid (rows: instance images, base, {', '.join(methods)}; columns: recontext prompts) "
           f"→ {out / 'grid.png'}  ({time.perf_counter() - t0:.0f} s)")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,7 +58,7 @@ def test_dash_prefetch_bench_runs_the_trainer_both_ways_to_the_same_adapter(tiny
     assert rows[0][2].startswith("0 / ") and 0 <= int(done) <= int(total)  # the thread only works when asked to
 
 
-def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
+def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path, capsys):
     """bench/toy_ceiling.py (full fine-tuning, the bound no adapter passes): with --params attentions
     the resnets do not move and the attention weights do; the CLI prints one judged row per step
     (subject, prompt and drift columns); each kind of class caption names what it says."""
@@ -69,31 +71,36 @@ def test_toy_ceiling_trains_only_the_parameters_asked_for(tmp_path):
     spec.loader.exec_module(bench)
     pipe, _ = bench._load(bench.TOY_MODEL)
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
-    step, own, (prompts, drawn) = next(bench.fine_tune(pipe, "star", [1], "attentions", log=lambda m: None))
+    step, own, (prompts, drawn) = next(bench.fine_tune(pipe, "star", [1], "attentions", images=1, log=lambda m: None))
     moved = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, before[n])}
-    assert step == 1 and len(own) == 8 and len(drawn) == len(prompts) == 20
+    assert step == 1 and len(own) == 2 and len(drawn) == len(prompts) == 5  # images=1: one per recontext prompt
     assert moved and all(".attentions." in n for n in moved)
     assert any(n.endswith("ff.net.2.weight") for n in moved)  # the whole transformer block trains
     with_prior, _ = bench._load(bench.TOY_MODEL)  # the same first step plus class images in the loss
-    next(bench.fine_tune(with_prior, "star", [1], "attentions", prior=2, class_dir=tmp_path / "class", log=print))
+    next(bench.fine_tune(with_prior, "star", [1], "attentions", prior=2, class_dir=tmp_path / "class", images=1,
+                         class_images=4, log=print))
     alone, prior = dict(pipe.unet.named_parameters()), dict(with_prior.unet.named_parameters())
     assert all(torch.equal(prior[n], before[n]) for n in before if n not in moved)
     assert any(not torch.equal(prior[n], alone[n]) for n in moved)
+    with pytest.raises(SystemExit):  # refused before anything loads
+        bench.main(["--class_images", "0"])
+    assert "--class_images must be at least 1 (got 0)" in capsys.readouterr().err
     grid = tmp_path / "grid.png"
     proc = subprocess.run([sys.executable, "bench/toy_ceiling.py", "--steps", "1,2", "--grid", str(grid),
-                           "--prior", "2", "--class_captions", "object", "--class_dir", str(tmp_path / "class_object")],
+                           "--prior", "2", "--class_captions", "object", "--class_dir", str(tmp_path / "class_object"),
+                           "--images", "1", "--class_images", "4", "--drift_captions", "4"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in proc.stdout.splitlines() if r.startswith("| | ")]
     assert [r.split(" | ")[1] for r in rows] == ["1", "2"] and grid.exists()
     cells = [r.strip(" |").split(" | ")[1:] for r in rows]  # instance, recontext, prompt, drift
     assert all(len(c) == 4 and all(0 <= float(v) <= 1 for v in c) for c in cells)
-    from dreampeft.toy.recipe import CLASS_IMAGES  # --prior draws captioned class images once
-    from dreampeft.toyworld import SHAPES, asked
+    assert 4 * float(cells[0][3]) == round(4 * float(cells[0][3]))  # drift: a share of --drift_captions 4
+    from dreampeft.toyworld import SHAPES, asked  # --prior draws --class_images captioned class images once
 
     for folder, named in (("class", {"size", "position", "background"}), ("class_object", set())):
         captions = [f.read_text() for f in sorted((tmp_path / folder).glob("class-*.txt"))]
-        assert len(captions) == CLASS_IMAGES and all(named <= asked(c).keys() for c in captions)
+        assert len(captions) == 4 and all(named <= asked(c).keys() for c in captions)
     assert all(c.startswith(("a object", "a small object", "a large object")) and not any(s in c for s in SHAPES)
                for c in captions)  # DreamBooth's class prompt: the instance prompt less "sks"
     plain = bench.write_class_images(pipe, tmp_path / "class_plain", n=3, **bench.CLASS_CAPTIONS["plain"])

@@ -8,17 +8,19 @@ import json
 import pytest
 
 from dreampeft.toy.__main__ import main
-from dreampeft.toy.recipe import CLASS_IMAGES, RECIPES, STEPS
+from dreampeft.toy.recipe import RECIPES, STEPS
 
 
 def test_transformer_recipe_adapts_the_blocks_that_draw_shapes(tmp_path):
     """The ``transformer`` recipe trains kohya's targets (attention, feed-forward, proj_in/out) on
     batches of all 5 instance images with the prior term, and what the bench records says so."""
     assert STEPS["transformer"] > 300  # a new shape takes longer than the other recipes' 300 steps
-    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
-                 "--recipe", "transformer", "--subjects", "star", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1", "--recipe",
+                 "transformer", "--subjects", "star", "--drift_captions", "0", "--set", "num_class_images=2",
+                 "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["steps"] == 2 and saved["recipe_options"] == json.loads(json.dumps(RECIPES["transformer"]))
+    assert saved["steps"] == 2 and saved["recipe_options"] == json.loads(json.dumps({**RECIPES["transformer"],
+                                                                                     "num_class_images": 2}))
     run = tmp_path / "runs" / "star-lora-0"
     config = json.loads((run / "dreambooth_config.json").read_text())
     assert config["train_batch_size"] == 5 and config["with_prior_preservation"]
@@ -35,14 +37,14 @@ def test_locon_recipe_adapts_the_resnets_with_the_bare_class_prompt(tmp_path, ca
         main(["bench", "--methods", "lora,mora", "--recipe", "locon", "--out", str(tmp_path / "refused")])
     assert "only lora, lora_dash and dora can: drop mora from --methods" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
-    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
-                 "--recipe", "locon", "--subjects", "star", "--drift_captions", "0", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1", "--recipe", "locon",
+                 "--subjects", "star", "--drift_captions", "0", "--set", "num_class_images=3", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["recipe_options"] == json.loads(json.dumps(RECIPES["locon"]))
+    assert saved["recipe_options"] == json.loads(json.dumps({**RECIPES["locon"], "num_class_images": 3}))
     config = json.loads((tmp_path / "runs" / "star-lora-0" / "dreambooth_config.json").read_text())
     assert config["class_data_dir"] == str(tmp_path / "class-plain") and config["train_batch_size"] == 5
     captions = {f.read_text() for f in (tmp_path / "class-plain").glob("class-*.txt")}
-    assert captions == {"a object\n"} and len(list((tmp_path / "class-plain").glob("*.png"))) == CLASS_IMAGES
+    assert captions == {"a object\n"} and len(list((tmp_path / "class-plain").glob("*.png"))) == 3  # as --set asked
     targets = json.loads((tmp_path / "runs" / "star-lora-0" / "dreampeft_adapter.json").read_text())
     shapes = targets["components"]["unet"]["targets"]
     assert shapes["down_blocks.0.resnets.0.conv1"]["shape"][2:] == [3, 3] and "mid_block.resnets.1.time_emb_proj" in shapes
@@ -67,16 +69,17 @@ def test_a_bad_set_is_refused_before_anything_loads(tmp_path, capsys, recipe, me
 
 
 def test_set_changes_one_option_of_the_recipe_and_the_results_say_so(tmp_path):
-    """``--set`` over ``transformer``: masked loss at background weight 0.1 and the bare class
-    prompt's images — what each run trained with, and what results.json records."""
+    """``--set`` over ``transformer``: masked loss at background weight 0.1 and 2 images of the bare
+    class prompt — what each run trained with, what was drawn, and what results.json records."""
     assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1",
                  "--recipe", "transformer", "--subjects", "star", "--drift_captions", "0",
                  "--set", "masked_loss=true", "--set", "mask_background_weight=0.1", "--set", "class_captions=plain",
-                 "--out", str(tmp_path)]) == 0
+                 "--set", "num_class_images=2", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "results.json").read_text())
-    overrides = {"masked_loss": True, "mask_background_weight": 0.1, "class_captions": "plain"}
+    overrides = {"masked_loss": True, "mask_background_weight": 0.1, "class_captions": "plain", "num_class_images": 2}
     assert saved["overrides"] == overrides and saved["recipe_options"] == {**RECIPES["transformer"], **overrides}
     config = json.loads((tmp_path / "runs" / "star-lora-0" / "dreambooth_config.json").read_text())
     assert config["masked_loss"] and config["mask_background_weight"] == 0.1
     assert config["mask_dir"] == str(tmp_path / "masks" / "star")
     assert config["class_data_dir"] == str(tmp_path / "class-plain") and config["train_batch_size"] == 5
+    assert config["num_class_images"] == 2 and len(list((tmp_path / "class-plain").glob("class-*.png"))) == 2

@@ -129,11 +129,13 @@ def class_folder(class_dir: Path, design: str) -> Path:
 
 
 def class_images_if_needed(pipe, folder: Path, *options: dict) -> Path | None:
-    """The class images (``write_class_images``, each recipe's caption design) when any of
-    ``options`` uses prior preservation; returns ``folder``, the world design's (``class_folder``)."""
+    """The class images (``write_class_images``, each recipe's caption design, as many as its
+    ``num_class_images`` — ``--set num_class_images=8`` draws 8) when any of ``options`` uses prior
+    preservation; returns ``folder``, the world design's (``class_folder``)."""
     used = [o for o in options if o.get("with_prior_preservation")]
     for design in {o.get("class_captions", "world") for o in used}:
-        write_class_images(pipe, class_folder(folder, design), **CLASS_CAPTIONS[design])
+        n = max(o.get("num_class_images", CLASS_IMAGES) for o in used if o.get("class_captions", "world") == design)
+        write_class_images(pipe, class_folder(folder, design), n=n, **CLASS_CAPTIONS[design])
     return folder if used else None
 
 
