@@ -28,9 +28,9 @@ demo: $(VENV)/.deps
 	$(PY) -m dreampeft.demo
 
 # Two pytest-xdist workers of one thread each (tests/conftest.py), a test file per worker at a time
-# (module fixtures are built once): 7½–9½ min on a slow 2-core CPU where one process took 16.
+# (module fixtures are built once), the longest files first (conftest.LONGEST_FIRST).
 test: $(VENV)/.test-deps chromium
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: $(VENV)/.test-deps
 	$(PY) bench/adapters.py

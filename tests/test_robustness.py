@@ -345,12 +345,17 @@ def test_sigterm_and_ctrl_c_stop_cleanly(sig, code, tiny_sdxl, instance_dir, tmp
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_dreambooth.py"),
                              *base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "100000",
                                         "--checkpointing_steps", "2")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint-2").exists():
         time.sleep(0.2)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=180)  # 60 s ran out once on a loaded 2-core machine (it finishes a step, then saves)
+    try:  # 60 s and once 180 s ran out on a loaded 2-core machine: a hang, not a slow step
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:  # SIGABRT makes faulthandler print where every thread is stuck
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail("no exit 180 s after the signal; the stacks:\n" + proc.communicate(timeout=60)[1][-6000:])
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")][-1].endswith(

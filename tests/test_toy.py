@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from dreampeft.toy import TOY_MODEL
-from dreampeft.toy.bench import BENCH_STEPS, score, train_subject, write_subject
-from dreampeft.toy.evaluate import generate, is_toy, judge_images, load_judge, prompt_following
+from dreampeft.toy.bench import RECONTEXT, score, train_subject, write_subject
+from dreampeft.toy.evaluate import generate, judge_images, load_judge, prompt_following
 from dreampeft.toy.models import HEADS, scene_labels
-from dreampeft.toy.bench import RECONTEXT
 from dreampeft.toyworld import (ALL_SUBJECTS, SUBJECTS, TUNING_SUBJECTS, asked, instance_caption, render,
                                 sample_scene, subject_scenes, world_sample)
 
@@ -198,7 +197,7 @@ def test_toy_model_follows_prompts(toy):
     assert all(other[h] >= floor for h, floor in FLOORS.items()), other
 
 
-def _star_run(toy, tmp_path, images: int = 2, steps: int = BENCH_STEPS, **options) -> tuple[dict, dict]:
+def _star_run(toy, tmp_path, steps: int, images: int = 2, **options) -> tuple[dict, dict]:
     """The benchmark's setting on the star with LoRA: (score before, score after), ``images`` seeds per prompt."""
     from dreampeft.pipeline import load_into_pipeline, unload
     from dreampeft.toy.bench import generations
@@ -216,188 +215,25 @@ def _star_run(toy, tmp_path, images: int = 2, steps: int = BENCH_STEPS, **option
 
 
 def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
-    """The trainer's defaults. Measured: LoRA at 300 steps moved the star's subject fidelity from
-    0.04 to 0.36 on the first toy (2 seeds per prompt) — and prompt fidelity from 0.79 to 0.43; not
-    re-measured on the 2×-wide toy, where it passes."""
-    before, after = _star_run(toy, tmp_path)
+    """The trainer's defaults (LoRA, batches of 2). Measured on the shipped toy, 2 images per
+    recontext prompt: the star's subject fidelity 0.106 → 0.299 / 0.412 / 0.368 after 150 / 200 / 300
+    steps, while prompt fidelity falls 0.93 → 0.64 (what the recipes are for). 200 steps here."""
+    before, after = _star_run(toy, tmp_path, steps=200)
     assert after["subject"] > before["subject"] + 0.2, (before, after)
 
 
 def test_the_demo_recipe_draws_the_star_and_keeps_the_prompt(toy, tmp_path):
     """Issue 17's check on the shipped base: a short run of the recipe that draws the subject
     (``locon``: kohya's conv LoRA, prior preservation on the base's "a object", batches of all 5
-    images; LoRA, 200 steps) raises the star's subject fidelity by a wide margin while prompt
+    images; LoRA, 100 steps) raises the star's subject fidelity by a wide margin while prompt
     fidelity stays over 0.8× the base's. Measured here (2 images per recontext prompt): subject
-    0.106 → 0.507, prompt 0.929 → 0.857 (0.92×)."""
+    0.106 → 0.454 / 0.421 / 0.507 after 100 / 150 / 200 steps, prompt 0.929 → 0.857 / 0.929 / 0.857
+    (≥ 0.92×)."""
     from dreampeft.toy.bench import write_masks
     from dreampeft.toy.recipe import class_images_if_needed, recipe_config, recipe_options
 
     class_dir = class_images_if_needed(toy[0], tmp_path / "class", recipe_config("locon"))
     options = recipe_options("locon", class_dir, write_masks("star", tmp_path / "masks"))
-    before, after = _star_run(toy, tmp_path, steps=200, **options)
+    before, after = _star_run(toy, tmp_path, steps=100, **options)
     assert after["subject"] > before["subject"] + 0.25, (before, after)
     assert after["prompt"] >= 0.8 * before["prompt"], (before, after)
-
-
-def test_bench_cli_tabulates_every_subject_and_method_over_training_seeds(tmp_path, capsys):
-    """The bench with the full recipe: every cell is a mean over training seeds with its standard
-    deviation, the class images are the base's with their captions, each subject has a Pareto plot,
-    and ``--lr_factor`` scales the method's toy rate in every run (a non-positive one is refused)."""
-    import json
-
-    from PIL import Image
-
-    from dreampeft.presets import method_preset
-    from dreampeft.toy.__main__ import main
-    from dreampeft.toy.recipe import CLASS_IMAGES, RECIPES
-
-    with pytest.raises(SystemExit):
-        main(["bench", "--lr_factor", "0", "--out", str(tmp_path / "refused")])
-    assert "--lr_factor must be positive" in capsys.readouterr().err
-    assert main(["bench", "--methods", "mora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--lr_factor",
-                 "0.5", "--recipe", "full", "--subjects", "star", "--drift_captions", "3", "--out", str(tmp_path)]) == 0
-    saved = json.loads((tmp_path / "results.json").read_text())
-    results = saved["results"]
-    assert set(results) == {"base/star", "mora/star"} and saved["lr_factor"] == 0.5
-    for seed in (0, 1):
-        config = json.loads((tmp_path / "runs" / f"star-mora-{seed}" / "dreambooth_config.json").read_text())
-        assert config["learning_rate"] == method_preset("toy", "mora").lr / 2
-    assert saved["train_seeds"] == 2 and saved["recipe_options"] == json.loads(json.dumps(RECIPES["full"]))
-    asked_n = sum(len(a) for a in RECONTEXT.values())  # prompt fidelity counts each requested attribute
-    for subject in ["star"]:
-        cell = results[f"mora/{subject}"]
-        assert len(cell["runs"]) == 2 and cell["trainable"] > 0
-        # object accuracy on 3 world captions: a share of 3 (rounded to 3 decimals)
-        assert all(3 * r["drift"] == pytest.approx(round(3 * r["drift"]), abs=0.01) for r in cell["runs"])
-        assert "drift" in results["base/star"] and saved["drift_captions"] == 3
-        for key in ("subject", "prompt", "instance", "drift"):  # instance: the training prompt's own subject fidelity
-            values = [r[key] for r in cell["runs"]]
-            assert cell[key] == pytest.approx(np.mean(values)) and cell[f"{key}_sd"] == pytest.approx(np.std(values, ddof=1))
-        assert all(abs(r["prompt"] * asked_n - round(r["prompt"] * asked_n)) < 1e-9 for r in cell["runs"])
-        assert Image.open(tmp_path / f"pareto-{subject}.png").size[0] > 300
-    import csv
-
-    with open(tmp_path / "runs" / "star-mora-0" / "fidelity.csv") as f:  # the held-out selection prompts
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 2 and all(0 <= float(r["prompt"]) <= 1 for r in rows)  # scored, not NaN
-    captions = sorted((tmp_path / "class").glob("class-*.txt"))
-    assert len(captions) == len(list((tmp_path / "class").glob("class-*.png"))) == CLASS_IMAGES
-    assert all(asked(c.read_text()).keys() == {"size", "position", "background"} for c in captions)
-    table = capsys.readouterr().out
-    assert "| mora |" in table and " ± " in table and "| own prompt: star |" in table
-    assert 0 <= results["base/star"]["instance"] <= 1
-    assert Image.open(tmp_path / "grid.png").size == (96 * 5, 96 * 3)  # first training seed
-    assert not (tmp_path / "pareto-striped_ball.png").exists()  # only the subjects asked for
-
-
-def test_sweep_cli_marks_the_best_rate_per_method(tmp_path, capsys):
-    import json
-
-    from dreampeft.toy.__main__ import main
-    from dreampeft.presets import method_preset
-
-    assert main(["sweep", "--methods", "lora", "--factors", "0.5,2", "--steps", "2", "--recipe", "plain",
-                 "--train_seeds", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
-    sweep, lr = json.loads((tmp_path / "sweep.json").read_text()), method_preset("toy", "lora").lr
-    assert [r["lr"] for r in sweep["runs"]] == [lr / 2, lr * 2]
-    best = max(sweep["runs"], key=lambda r: r["subject"] + r["prompt"])  # chosen on the mean over seeds
-    assert sweep["best"]["lora"]["lr"] == best["lr"] and sweep["train_seeds"] == 2
-    for row in sweep["runs"]:  # two training seeds per rate, each its own folder
-        assert len(row["runs"]) == 2 and row["subject"] == pytest.approx(np.mean([r["subject"] for r in row["runs"]]))
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        f"lora-{lr * f:g}-seed{s}" for f in (0.5, 2) for s in (0, 1)]
-    assert " ± " in (tmp_path / "sweep.md").read_text()
-    assert sweep["subject"] == "cross" and sweep["subject"] not in SUBJECTS  # tuned off the reported subjects
-    assert "(best)" in capsys.readouterr().out
-    for bad in (["--factors", "0.5,x"], ["--grid", "scaling"], ["--grid", "scaling=a,b"], ["--train_seeds", "0"]):
-        with pytest.raises(SystemExit):
-            main(["sweep", *bad])
-        assert bad[0] in capsys.readouterr().err
-    for command in ("bench", "options"):
-        with pytest.raises(SystemExit):
-            main([command, "--subjects", "star,unicorn"])
-        assert "--subjects: unicorn" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["options", "--variants", "plain,moonlight"])
-    assert "--variants: moonlight; choose from plain," in capsys.readouterr().err
-
-
-def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(tmp_path, capsys):
-    """The strength study loads a bench's saved runs and draws its prompts at each scale: at ×1 it
-    must reproduce the bench's own figures (same weights, prompts and seeds), at ×0.5 it averages the
-    same training seeds; folders that hold no runs and scales that are not positive are refused."""
-    import json
-
-    from dreampeft.toy.__main__ import main
-
-    bench_dir, out = tmp_path / "bench", tmp_path / "scales"
-    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--recipe",
-                 "plain", "--subjects", "star", "--drift_captions", "2", "--out", str(bench_dir)]) == 0
-    capsys.readouterr()
-    assert main(["scales", str(bench_dir), "--scales", "0.5,1", "--seeds", "1", "--drift_captions", "2",
-                 "--out", str(out)]) == 0
-    assert "| lora ×0.5 |" in capsys.readouterr().out and (out / "scales-star.png").exists()
-    bench = json.loads((bench_dir / "results.json").read_text())["results"]
-    study = json.loads((out / "scales.json").read_text())["results"]
-    assert set(study) == {"base/star", "lora ×0.5/star", "lora ×1/star"}
-    for ours, theirs in ((study["lora ×1/star"], bench["lora/star"]), (study["base/star"], bench["base/star"])):
-        for key in ("subject", "instance", "prompt", "drift"):
-            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
-    assert [r["run"] for r in study["lora ×0.5/star"]["runs"]] == ["star-lora-0", "star-lora-1"]
-    for bad, flag in (([str(tmp_path)], str(tmp_path)), ([str(bench_dir), "--scales", "0,1"], "--scales")):
-        with pytest.raises(SystemExit):
-            main(["scales", *bad, "--out", str(tmp_path / "x")])
-        assert flag in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
-
-
-def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path):
-    import json
-
-    from dreampeft.toy.__main__ import main
-
-    assert main(["sweep", "--methods", "fourierft,lora", "--factors", "1", "--grid", "n_frequency=500,1000",
-                 "--recipe", "plain", "--steps", "1", "--seeds", "1", "--out", str(tmp_path)]) == 0
-    sweep = json.loads((tmp_path / "sweep.json").read_text())
-    runs = sweep["runs"]
-    assert 0 <= sweep["base"]["subject"] <= 1 and "| base | – | – |" in (tmp_path / "sweep.md").read_text()
-    assert [(r["method"], r["options"]) for r in runs] == [("fourierft", {"n_frequency": 500}),
-                                                           ("fourierft", {"n_frequency": 1000}), ("lora", {})]
-    saved = [json.loads((tmp_path / "runs" / f"fourierft-{r['lr']:g}-n_frequency{n}" / "dreampeft_adapter.json").read_text())
-             for r, n in zip(runs, ("500", "1000"))]
-    assert [c["components"]["unet"]["configs"][0]["n_frequency"] for c in saved] == [500, 1000]
-
-
-def test_demo_runs_one_subject(tmp_path, capsys):
-    """``make demo``'s default is the recipe that draws the subject (``locon``); ``--methods all``
-    is every method the recipe's layers allow."""
-    from dreampeft.adapters import METHODS
-    from dreampeft.adapters.base import conv_methods
-    from dreampeft.demo import demo_methods, main
-
-    main(["--out", str(tmp_path), "--methods", "lora", "--steps", "2", "--subject", "striped_ball",
-          "--drift_captions", "2"])
-    out = capsys.readouterr().out
-    assert "| lora |" in out and "subject: striped_ball" in out and (tmp_path / "grid.png").exists()
-    assert "drift: striped_ball" in out and json.loads((tmp_path / "results.json").read_text())["recipe"] == "locon"
-    assert (tmp_path / "class-plain").is_dir()  # locon's prior: the base's drawings of "a object"
-    assert demo_methods("locon", "lora,lora_dash") == ["lora", "lora_dash"]
-    assert demo_methods("locon", "all") == list(conv_methods()) and demo_methods("plain", "all") == list(METHODS)
-    with pytest.raises(SystemExit):  # the locon recipe's layers only LoRA, LoRA-Dash and DoRA can adapt
-        main(["--out", str(tmp_path / "x"), "--recipe", "locon", "--methods", "lora,mora"])
-    assert "drop mora from --methods" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("opt_out, expected", [(None, 0.0), ("1", 1e-39)])
-def test_import_flushes_denormals_unless_opted_out(opt_out, expected):
-    """Denormals stalled toy DreamBooth 30× on this CPU; importing dreampeft flushes them to zero."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "DREAMPEFT_KEEP_DENORMALS"}
-    if opt_out:
-        env["DREAMPEFT_KEEP_DENORMALS"] = opt_out
-    code = "import dreampeft, torch; print((torch.tensor([1e-39]) * 1.0).item())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert float(out.stdout) == pytest.approx(expected, abs=1e-45)
