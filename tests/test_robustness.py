@@ -339,6 +339,14 @@ def test_failures_are_one_line_and_an_event(case, tiny_sdxl, instance_dir, tmp_p
         assert (out / "checkpoint-2" / "dreampeft_adapter.safetensors").exists()
 
 
+def _as_in_a_terminal():
+    # A shell without job control starts background commands with SIGINT ignored, and a Python
+    # started that way never raises KeyboardInterrupt: `make test &` or a CI runner made this test's
+    # Ctrl-C a no-op (the child trained on until the timeout; its stacks showed it in backward).
+    # A user's Ctrl-C comes from a terminal, where SIGINT has its default action.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 2), (signal.SIGINT, 130)])
 def test_sigterm_and_ctrl_c_stop_cleanly(sig, code, tiny_sdxl, instance_dir, tmp_path):
     out = tmp_path / "out"
@@ -346,7 +354,7 @@ def test_sigterm_and_ctrl_c_stop_cleanly(sig, code, tiny_sdxl, instance_dir, tmp
                              *base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "100000",
                                         "--checkpointing_steps", "2")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"}, preexec_fn=_as_in_a_terminal)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint-2").exists():
         time.sleep(0.2)
