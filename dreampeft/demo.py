@@ -6,9 +6,9 @@ through the real trainer (``dreampeft.dreambooth.train``), is loaded into the pi
 ``dp.load_into_pipeline``, and draws held-out recontext prompts; the toy judge scores subject
 fidelity (is it the star?) and prompt fidelity (is it where / on what the prompt asked?).
 This is ``python -m dreampeft.toy bench`` on one subject with fewer images and one training seed,
-by default with the bench's recipe that draws the subject in new contexts (``locon``: kohya's conv
-LoRA on the resnets as well as the transformer blocks, prior preservation, 500 steps of all 5
-images; README) with LoRA-Dash; ``--recipe plain`` is the trainer's own defaults (300 steps),
+by default with the bench's recipe that draws the subject in new contexts (``locon_masked``: kohya's
+conv LoRA on the resnets as well as the transformer blocks, prior preservation, masked loss, 500
+steps of all 5 images; README) with LoRA-Dash; ``--recipe plain`` is the trainer's own defaults (300 steps),
 which every method can train.
 
     python -m dreampeft.demo [--out demo_out] [--methods lora,lora_dash,dora] [--subject striped_ball]
@@ -31,11 +31,10 @@ from .toyworld import SUBJECTS
 from .utils import quiet_libraries
 
 # LoRA-Dash on the recipe that draws the star, 500 steps: under the 5-minute budget on a 2-core CPU.
-# The shipped toy's UNet is 2× wide (issue 17), so a step costs ~3.6× the first toy's: on its stage-1
-# base the recipe's 1,000 steps took 8 min 39 s (star 0.82) and 500 took 4 min 41 s; on the shipped
-# toy 500 steps draw the star at 0.43 with 0.92× the base's prompt fidelity (README). One method
-# fits; --methods lora,lora_dash doubles the time.
-DEFAULT_RECIPE, DEFAULT_METHODS, DEFAULT_STEPS = "locon", "lora_dash", 500
+# On the shipped toy (2× wide UNet, a step ~3.6× the first toy's) this run took 4 min 18 s and drew
+# the star at 0.80 with 0.77× the base's prompt fidelity; without masked loss (``locon``) 0.43 at 0.92×
+# (README). One method fits; --methods lora,lora_dash doubles the time.
+DEFAULT_RECIPE, DEFAULT_METHODS, DEFAULT_STEPS = "locon_masked", "lora_dash", 500
 
 
 def demo_methods(recipe: str, text: str) -> list[str]:

@@ -222,13 +222,14 @@ def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
     assert after["subject"] > before["subject"] + 0.2, (before, after)
 
 
-def test_the_demo_recipe_draws_the_star_and_keeps_the_prompt(toy, tmp_path):
-    """Issue 17's check on the shipped base: a short run of the recipe that draws the subject
+def test_the_locon_recipe_draws_the_star_and_keeps_the_prompt(toy, tmp_path):
+    """Issue 17's check on the shipped base: a short run of a recipe that draws the subject
     (``locon``: kohya's conv LoRA, prior preservation on the base's "a object", batches of all 5
     images; LoRA, 100 steps) raises the star's subject fidelity by a wide margin while prompt
     fidelity stays over 0.8× the base's. Measured here (2 images per recontext prompt): subject
     0.106 → 0.454 / 0.421 / 0.507 after 100 / 150 / 200 steps, prompt 0.929 → 0.857 / 0.929 / 0.857
-    (≥ 0.92×)."""
+    (≥ 0.92×). The demo's ``locon_masked`` learns faster (0.59 after 100 steps) but kept 0.786 of the
+    prompt (0.85×), one judged attribute of 14 above the bar: too close for a test on any CPU."""
     from dreampeft.toy.bench import write_masks
     from dreampeft.toy.recipe import class_images_if_needed, recipe_config, recipe_options
 

@@ -98,7 +98,22 @@ def test_sweep_cli_marks_the_best_rate_per_method(tmp_path, capsys):
     assert "--variants: moonlight; choose from plain," in capsys.readouterr().err
 
 
-def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(tmp_path, capsys):
+# A short bench of LoRA on the star (plain recipe, two training seeds): what `scales` redraws and
+# `merge` joins to a bench of the other subject. Read-only for the tests that share it.
+SMALL_BENCH = ["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--recipe",
+               "plain", "--drift_captions", "2"]
+
+
+@pytest.fixture(scope="module")
+def star_bench(tmp_path_factory):
+    from dreampeft.toy.__main__ import main
+
+    folder = tmp_path_factory.mktemp("bench")
+    assert main([*SMALL_BENCH, "--subjects", "star", "--out", str(folder)]) == 0
+    return folder
+
+
+def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(star_bench, tmp_path, capsys):
     """The strength study loads a bench's saved runs and draws its prompts at each scale: at ×1 it
     must reproduce the bench's own figures (same weights, prompts and seeds), at ×0.5 it averages the
     same training seeds; folders that hold no runs and scales that are not positive are refused."""
@@ -106,10 +121,7 @@ def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(tmp_
 
     from dreampeft.toy.__main__ import main
 
-    bench_dir, out = tmp_path / "bench", tmp_path / "scales"
-    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "2", "--recipe",
-                 "plain", "--subjects", "star", "--drift_captions", "2", "--out", str(bench_dir)]) == 0
-    capsys.readouterr()
+    bench_dir, out = star_bench, tmp_path / "scales"
     assert main(["scales", str(bench_dir), "--scales", "0.5,1", "--seeds", "1", "--drift_captions", "2",
                  "--out", str(out)]) == 0
     assert "| lora ×0.5 |" in capsys.readouterr().out and (out / "scales-star.png").exists()
@@ -125,6 +137,60 @@ def test_scales_redraws_bench_runs_and_gives_the_bench_figures_at_scale_one(tmp_
             main(["scales", *bad, "--out", str(tmp_path / "x")])
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_joins_benches_run_side_by_side_and_refuses_unlike_ones(star_bench, tmp_path, capsys):
+    """Two benches (one per subject, as two processes run them) become the one table the single
+    bench would have written: every cell as measured, the base once, a Pareto plot per subject and
+    both grids. Benches run with other settings, a cell measured twice, holes and folders without
+    results are refused with the folder named, and nothing is written."""
+    import shutil
+
+    from PIL import Image
+
+    from dreampeft.toy.__main__ import main
+
+    assert list(SUBJECTS) == ["star", "striped_ball"]
+    benches = {"star": star_bench, "striped_ball": tmp_path / "striped_ball"}
+    assert main([*SMALL_BENCH, "--subjects", "striped_ball", "--out", str(benches["striped_ball"])]) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    assert main(["merge", *map(str, benches.values()), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    merged = json.loads((out / "results.json").read_text())
+    assert all(f"| subject: {s} |" in table for s in SUBJECTS) and "| lora |" in table
+    for subject, folder in benches.items():
+        own = json.loads((folder / "results.json").read_text())
+        assert merged["steps"] == own["steps"] == 2 and merged["recipe"] == "plain"
+        for cell, figures in own["results"].items():
+            assert merged["results"][cell] == figures
+        assert Image.open(out / f"pareto-{subject}.png").size[0] > 300
+    assert set(merged["results"]) == {f"{r}/{s}" for r in ("base", "lora") for s in SUBJECTS}
+    heights = [Image.open(f / "grid.png").size[1] for f in benches.values()]
+    assert Image.open(out / "grid.png").size[1] == sum(heights)
+
+    other = tmp_path / "other_steps"
+    shutil.copytree(benches["star"], other)
+    saved = json.loads((other / "results.json").read_text())
+    (other / "results.json").write_text(json.dumps({**saved, "steps": 3}))
+    holes = tmp_path / "holes"
+    shutil.copytree(benches["star"], holes)
+    saved["results"] = {k.replace("lora/", "dora/"): v for k, v in saved["results"].items()}
+    (holes / "results.json").write_text(json.dumps(saved))
+    for folders, said in (([benches["star"], other], f"{other}: steps is 3"),
+                          ([benches["star"], benches["star"]], "lora/star was measured in an earlier folder"),
+                          ([benches["striped_ball"], holes], "no figures for lora/star"),
+                          ([benches["star"], tmp_path / "nowhere"], "nowhere/results.json: no such file"),
+                          ([benches["star"]], "at least two")):
+        with pytest.raises(SystemExit):
+            main(["merge", *map(str, folders), "--out", str(tmp_path / "refused")])
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    before = (benches["star"] / "results.json").read_text()
+    with pytest.raises(SystemExit):  # a bench's own results are never overwritten by the merge
+        main(["merge", *map(str, benches.values()), "--out", str(benches["star"])])
+    assert "is one of the benches" in capsys.readouterr().err
+    assert (benches["star"] / "results.json").read_text() == before
 
 
 def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path):
@@ -145,8 +211,9 @@ def test_sweep_grid_varies_an_option_only_for_the_methods_that_have_it(tmp_path)
 
 
 def test_demo_runs_one_subject(tmp_path, capsys):
-    """``make demo``'s default is the recipe that draws the subject (``locon``); ``--methods all``
-    is every method the recipe's layers allow."""
+    """``make demo``'s default is the recipe that draws the subject (``locon_masked``: LoCon, the
+    base's "a object" as the prior, masked loss); ``--methods all`` is every method the recipe's
+    layers allow."""
     from dreampeft.adapters import METHODS
     from dreampeft.adapters.base import conv_methods
     from dreampeft.demo import demo_methods, main
@@ -155,10 +222,10 @@ def test_demo_runs_one_subject(tmp_path, capsys):
           "--drift_captions", "2", "--class_images", "3"])
     out = capsys.readouterr().out
     assert "| lora |" in out and "subject: striped_ball" in out and (tmp_path / "grid.png").exists()
-    assert "drift: striped_ball" in out and json.loads((tmp_path / "results.json").read_text())["recipe"] == "locon"
+    assert "drift: striped_ball" in out and json.loads((tmp_path / "results.json").read_text())["recipe"] == "locon_masked"
     assert len(list((tmp_path / "class-plain").glob("class-*.png"))) == 3  # locon's prior: the base's "a object"
     config = json.loads((tmp_path / "runs" / "striped_ball-lora-0" / "dreambooth_config.json").read_text())
-    assert config["num_class_images"] == 3
+    assert config["num_class_images"] == 3 and config["masked_loss"] and config["mask_background_weight"] == 0.2
     assert demo_methods("locon", "lora,lora_dash") == ["lora", "lora_dash"]
     assert demo_methods("locon", "all") == list(conv_methods()) and demo_methods("plain", "all") == list(METHODS)
     with pytest.raises(SystemExit):  # the locon recipe's layers only LoRA, LoRA-Dash and DoRA can adapt

@@ -82,13 +82,15 @@ def _save_subject_plot(plt, fig, ax, subject: str, path: Path, xlabel: str = "pr
     return path
 
 
-def method_pareto(cells: dict[str, dict], subject: str, path: Path) -> Path:
+def method_pareto(cells: dict[str, dict], subject: str, path: Path, prompt_share: float = 0.9) -> Path:
     """Subject against prompt fidelity, one point per method ± one standard deviation over its
-    training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross."""
+    training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross with a
+    dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar: right of it, the prompt kept)."""
     plt, fig, ax = _subject_axes()
     for name, r in cells.items():
         if name == "base":
             ax.scatter([r["prompt"]], [r["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
+            ax.axvline(prompt_share * r["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
         else:
             ax.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
                         fmt="o", ms=7, capsize=3, label=name)

@@ -1,8 +1,9 @@
-"""python -m dreampeft.toy {pretrain,bench,samples}: the toy SDXL that draws the toy world.
+"""python -m dreampeft.toy {pretrain,samples,bench,merge,options,sweep,scales}: the toy SDXL that draws the toy world.
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|locon_masked|...] [--set KEY=VALUE] [--out toy_bench]
+    python -m dreampeft.toy merge BENCH_A BENCH_B [...] --out toy_bench   # benches run side by side, one table
     python -m dreampeft.toy options [--methods lora,lora_dash] [--train_seeds 2] [--out toy_options]
     python -m dreampeft.toy sweep [--methods lora] [--factors 0.5,1,2] [--train_seeds 2] [--grid scaling=75,150,300] [--out toy_sweep]
     python -m dreampeft.toy scales BENCH_OUT [RUN ...] [--scales 0.5,0.75,1] [--out toy_scales]
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                      "(e.g. 0.5, as a sweep on the tuning subject suggests)")
     ben.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides", help=SET_HELP)
     ben.add_argument("--out", default="toy_bench")
+    mer = sub.add_parser("merge", help="benches run side by side (e.g. one per subject) as one table and plots")
+    mer.add_argument("benches", nargs="+", help="bench --out folders, run with the same settings")
+    mer.add_argument("--out", required=True)
     opt = sub.add_parser("options", help="masked loss, caption dropout and EMA: fidelity per method over seeds")
     opt.add_argument("--model", default=str(TOY_MODEL))
     opt.add_argument("--methods", default="lora,lora_dash")
@@ -114,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rows: circle, square, triangle, diamond; columns: red … orange → {args.out}")
     elif args.command == "scales":
         _scales(p, args)
+    elif args.command == "merge":
+        from .merge import merge_benches
+
+        try:
+            print(merge_benches(args.benches, args.out))
+        except ValueError as exc:
+            p.error(str(exc))
+        print(f"plots and the stacked grid → {args.out}/")
     else:
         try:
             methods = parse_methods(args.methods)

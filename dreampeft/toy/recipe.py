@@ -34,7 +34,10 @@ with the text encoders frozen; LoRA, session 18): star 0.49 ± 0.12, striped bal
 ``locon_masked`` (``locon`` plus masked loss, backgrounds at 0.2; LoRA, session 18): star 0.45 ± 0.10,
 striped ball 0.62 ± 0.21 at prompt 0.50 / 0.56 — the ball 2.7× ``locon``'s at the same prompt
 fidelity (``bench/results/toy_locon_masked.md``); LoRA-Dash and DoRA (session 19): ball 0.61 ± 0.25
-and 0.70 ± 0.18, star 0.50 ± 0.21 and 0.43 ± 0.18 (``toy_bench_locon_masked_dash_dora.md``).
+and 0.70 ± 0.18, star 0.50 ± 0.21 and 0.43 ± 0.18 (``toy_bench_locon_masked_dash_dora.md``). All of
+the above on the first toy. On the shipped toy (session 27, 500 steps, 3 training seeds): star
+0.74–0.81, striped ball 0.56–0.60 for LoRA, LoRA-Dash and DoRA, at 0.83–0.88× / 0.67–0.76× the base's
+prompt fidelity (``bench/results/toy2_bench_locon_masked.md``); the demo's recipe.
 ``bench --set KEY=VALUE`` changes one trainer option over a recipe's (``parse_overrides``).
 """
 
