@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
 from .loss import FLOOR_DETAIL, floored_v_loss
@@ -315,9 +316,8 @@ class PretrainConfig:
 
 
 def _forget_origin(out: Path) -> None:
-    """diffusers writes the folder a component was loaded from (``_name_or_path``) into its saved
-    config; after ``--init`` that is the earlier stage's temporary folder, which means nothing to
-    whoever loads this one (transformers drops the key itself)."""
+    """diffusers saves the folder a component came from (``_name_or_path``) in its config: after
+    ``--init`` the earlier stage's temporary folder, meaningless to whoever loads this one."""
     for path in out.glob("*/config.json"):
         config = json.loads(path.read_text())
         if config.pop("_name_or_path", None) is not None:
@@ -389,8 +389,6 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     pipe.unet.half(), pipe.vae.half()
     pipe.save_pretrained(out)
     _forget_origin(out)
-    from safetensors.torch import save_file
-
     save_file({k: v.half().contiguous() for k, v in judge.state_dict().items()}, out / "judge.safetensors")
     report = {**asdict(c), "scaling_factor": scale, **{k: round(v, 1) for k, v in timings.items()},
               "total_s": round(time.perf_counter() - t0, 1), "curve": curve}
