@@ -35,9 +35,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.toy import TOY_MODEL  # noqa: E402
-from dreampeft.toy.bench import INSTANCE_PROMPT, _load, generations, score  # noqa: E402
+from dreampeft.toy.bench import DRIFT_CAPTIONS, INSTANCE_PROMPT, _load, generations, score  # noqa: E402
 from dreampeft.toy.evaluate import _pixels, generate, prompt_following  # noqa: E402
-from dreampeft.toy.bench import DRIFT_CAPTIONS  # noqa: E402
 from dreampeft.toy.recipe import CLASS_CAPTIONS, CLASS_IMAGES, write_class_images  # noqa: E402
 from dreampeft.toyworld import ALL_SUBJECTS, instance_caption, render, subject_scenes  # noqa: E402
 from dreampeft.utils import image_grid  # noqa: E402

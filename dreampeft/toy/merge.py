@@ -89,9 +89,10 @@ def merge_benches(folders: list[str | Path], out: str | Path) -> str:
                       out / f"pareto-{subject}.png")
     grids = [Image.open(f / "grid.png").convert("RGB") for f in folders if (f / "grid.png").exists()]
     if grids:
-        stacked = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white")
-        for i, g in enumerate(grids):
-            stacked.paste(g, (0, sum(h.height for h in grids[:i])))
+        stacked, top = Image.new("RGB", (max(g.width for g in grids), sum(g.height for g in grids)), "white"), 0
+        for g in grids:
+            stacked.paste(g, (0, top))
+            top += g.height
         stacked.save(out / "grid.png")
     table = results_table(body["results"], rows, subjects)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(table + "\n"))

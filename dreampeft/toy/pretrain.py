@@ -381,7 +381,6 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     unet, te1, te2 = train_unet((mean, std), text, start, c, log, snapshot, masks)
     pipe = _assemble(pipe, unet=unet, text_encoder=te1.requires_grad_(False), text_encoder_2=te2.requires_grad_(False))
     timings["unet_s"] = time.perf_counter() - t  # with the snapshots' samples and prompt following
-
     for f in out.glob("samples-step*.png"):
         f.unlink()
     # UNet, VAE and judge in fp16 (half the bytes in the repository; they load as float32). The
