@@ -29,8 +29,8 @@ from dreampeft.dreambooth.models import encode_prompts  # noqa: E402
 from dreampeft.toy import TOY_MODEL  # noqa: E402
 from dreampeft.toy.bench import _load  # noqa: E402
 from dreampeft.toy.loss import block_detail, untouched_blocks  # noqa: E402
-from dreampeft.toy.pretrain import (TIME_IDS, encode_latents, latent_object_masks, render_set, tokenize_captions,  # noqa: E402
-                                    toy_scheduler)
+from dreampeft.toy.data import latent_object_masks, render_set  # noqa: E402
+from dreampeft.toy.pretrain import TIME_IDS, encode_latents, tokenize_captions, toy_scheduler  # noqa: E402
 
 TIMESTEPS = (0, 200, 400, 600, 700, 800, 900, 999)
 

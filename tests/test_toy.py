@@ -161,7 +161,7 @@ def test_toy_vae_keeps_shapes_and_colours(toy):
     """Decoding is not where shapes get lost: the judge reads object and colour off the shipped
     VAE's reconstructions (measured 0.97 and 1.0 on 300 fresh scenes; a plain-MSE VAE gave 0.39, 0.43),
     and the striped ball's stripes survive (0.98 on 200 scenes; 0.17 for a VAE that never saw stripes)."""
-    from dreampeft.toy.pretrain import render_scenes, render_set, to_unit
+    from dreampeft.toy.data import render_scenes, render_set, to_unit
 
     pipe, judge = toy
     scenes, pixels = render_set(99, 100)

@@ -16,7 +16,7 @@ from dreampeft.toy.models import HEADS
 def test_pretrain_scenes_put_the_object_where_an_unnamed_position_says(unnamed):
     """Captions that name no position show the object at ``unnamed_position``; the others (and
     every other attribute) are the world's scenes, unchanged."""
-    from dreampeft.toy.pretrain import render_set
+    from dreampeft.toy.data import render_set
 
     world, _ = render_set(4, 200)
     scenes, pixels = render_set(4, 200, unnamed_position=unnamed)
@@ -56,6 +56,14 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
     assert (more["unet_width"], more["attention_16"]) == (1, "up")  # the folder's UNet, not the flags' defaults
     for config in (tmp_path / "more").glob("*/config.json"):  # nothing of the earlier stage's folder
         assert str(tmp_path) not in config.read_text(), config
+    # the folder's judge is reused (trained on the same seed, images, steps and batch); other judge
+    # settings train their own
+    judges = {run: load_file(tmp_path / run / "judge.safetensors") for run in ("full", "more")}
+    assert all(torch.equal(judges["full"][k], judges["more"][k]) for k in judges["full"])
+    assert "judge: " in capsys.readouterr().out
+    assert main(["pretrain", str(tmp_path / "own"), *tiny, "--init", str(tmp_path / "full"), "--judge_steps", "3"]) == 0
+    own = load_file(tmp_path / "own" / "judge.safetensors")
+    assert not all(torch.equal(judges["full"][k], own[k]) for k in own)
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
     assert "architecture is the folder's" in capsys.readouterr().err

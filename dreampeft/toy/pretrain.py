@@ -25,56 +25,20 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ..toyworld import POSITIONS, object_mask, render, striped, world_sample
+from ..toyworld import POSITIONS
+from .data import latent_object_masks, object_masks, render_set, to_unit, vae_set
 from .loss import FLOOR_DETAIL, floored_v_loss
 from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels, toy_unet_shape
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
-
-
-def render_set(seed: int, n: int, subject_rate: float = 0.0, unnamed_position: str = "any"):
-    """``n`` world scenes; with ``unnamed_position`` a POSITIONS key, the scenes whose captions name
-    no position show the object there (as photos mostly centre their subject)."""
-    scenes = [world_sample(seed, i, subject_rate) for i in range(n)]
-    if unnamed_position != "any":
-        scenes = [s if "position" in s.mention else replace(s, position=unnamed_position) for s in scenes]
-    return render_scenes(scenes)
-
-
-def render_scenes(scenes: list) -> tuple[list, torch.Tensor]:
-    pixels = torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2)
-    return scenes, pixels  # uint8 (n, 3, 64, 64)
-
-
-def vae_set(scenes: list, pixels: torch.Tensor, seed: int, share: float) -> tuple[list, torch.Tensor]:
-    """The UNet's scenes plus ``share`` × as many objects in two-colour stripes (``toyworld.striped``):
-    a VAE that never saw a striped object decoded the striped-ball subject as a plain blob."""
-    rng, n = random.Random(seed + 3), round(share * len(scenes))
-    if n == 0:
-        return scenes, pixels
-    extra, extra_pixels = render_scenes([striped(world_sample(seed + 3, i), rng) for i in range(n)])
-    return scenes + extra, torch.cat([pixels, extra_pixels])
-
-
-def object_masks(scenes) -> torch.Tensor:
-    """(n, 1, 64, 64) uint8: 255 on the object and a 2-pixel rim around it (the edges are what tells
-    a square from a diamond); the VAE's loss weights are made from it a batch at a time."""
-    masks = torch.from_numpy(np.stack([np.asarray(object_mask(s)) for s in scenes]))[:, None]
-    return F.max_pool2d(masks.float(), 5, stride=1, padding=2).to(torch.uint8)
-
-
-def to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    return pixels.float() / 127.5 - 1
 
 
 def _schedule(opt, steps: int, warmup: int = 50):
@@ -89,11 +53,6 @@ def _update(opt, sched, loss, clip_params=None) -> None:
         torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
     opt.step()
     sched.step()
-
-
-def latent_object_masks(scenes) -> torch.Tensor:
-    """(n, 1, 16, 16): the object's coverage in [0, 1] of each latent pixel (the VAE downsamples 4×)."""
-    return F.avg_pool2d(object_masks(scenes).float() / 255, 4)
 
 
 def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
@@ -214,6 +173,21 @@ def train_judge(seed: int, n: int, steps: int, batch: int, log) -> Judge:
         if step % 200 == 0 or step == steps - 1:
             log(f"judge step {step + 1}/{steps} loss {loss.item():.4f}")
     return judge.eval().requires_grad_(False)
+
+
+JUDGE_FIELDS = ("seed", "n_images", "judge_steps", "batch")  # all that train_judge reads
+
+
+def _judge(c: "PretrainConfig", log) -> Judge:
+    """A second stage (``--init``) reuses its folder's judge when the folder trained it on the same
+    JUDGE_FIELDS (the same judge, stored in fp16; saves ~4 min a stage here), else trains one."""
+    from .evaluate import load_judge
+
+    made = Path(c.init, "pretrain_report.json")
+    if c.init and made.exists() and all(json.loads(made.read_text()).get(k) == getattr(c, k) for k in JUDGE_FIELDS):
+        log(f"judge: {c.init}'s (trained on the same {', '.join(JUDGE_FIELDS)})")
+        return load_judge(c.init)
+    return train_judge(c.seed, c.n_images // 2, c.judge_steps, c.batch, log)
 
 
 def _assemble(pipe, **replace):
@@ -357,7 +331,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
 
     # the judge first (it does not depend on the UNet), so that prompt following is read along training
     t = time.perf_counter()
-    judge = train_judge(seed, c.n_images // 2, c.judge_steps, batch, log)
+    judge = _judge(c, log)
     timings["judge_s"] = time.perf_counter() - t
     curve = []
 
