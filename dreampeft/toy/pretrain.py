@@ -180,7 +180,7 @@ JUDGE_FIELDS = ("seed", "n_images", "judge_steps", "batch")  # all that train_ju
 
 def _judge(c: "PretrainConfig", log) -> Judge:
     """A second stage (``--init``) reuses its folder's judge when the folder trained it on the same
-    JUDGE_FIELDS (the same judge, stored in fp16; saves ~4 min a stage here), else trains one."""
+    JUDGE_FIELDS (the same judge, stored in fp16; saves 1–1.5 min a stage here), else trains one."""
     from .evaluate import load_judge
 
     made = Path(c.init, "pretrain_report.json")
