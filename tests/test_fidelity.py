@@ -145,3 +145,26 @@ def test_a_run_that_exports_step_0_says_why_in_its_reason_and_in_the_app(drifts,
     assert exported_note({"exported_step": 0, "exported_reason": reason}) == f"the base model — {says}"
     assert exported_note({"exported_step": 100, "exported_reason": REASONS["balanced"]}) == ""
     assert exported_note({"exported_step": None, "exported_reason": ""}) == ""
+
+
+@pytest.mark.parametrize("points, zoomed", [
+    ([(0.86, 0.81, 0.07, 0.03), (0.88, 0.81, 0.02, 0.12), (0.83, 0.74, 0.17, 0.15)], True),  # the bench's star
+    ([(0.50, 0.80, 0.05, 0.05), (0.95, 0.20, 0.05, 0.05)], False),  # spread: the [0, 1] axes show it all
+])
+def test_subject_plots_zoom_into_methods_that_sit_in_one_patch(points, zoomed):
+    """Where every method (± its sd) sits in one small patch, the plot adds a zoomed inset of the same
+    content and keeps it off the points; spread points get none."""
+    from dreampeft.dreambooth.plots import _pyplot, _zoom
+
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02))
+    _zoom(ax, lambda a: a.errorbar([p[0] for p in points], [p[1] for p in points], fmt="o"), points)
+    assert len(ax.child_axes) == int(zoomed)
+    if zoomed:
+        inset = ax.child_axes[0]
+        (x0, x1), (y0, y1) = inset.get_xlim(), inset.get_ylim()
+        assert all(x0 <= x - dx and x + dx <= x1 and y0 <= y - dy and y + dy <= y1 for x, y, dx, dy in points)
+        box = inset.get_position(), ax.get_position()  # the inset's place on the axes: away from the points
+        assert len(inset.lines) == 1 and box[0].x1 < box[1].x0 + 0.6 * box[1].width
+    plt.close(fig)

@@ -71,10 +71,15 @@ def _subject_axes():
 
 
 def _save_subject_plot(plt, fig, ax, subject: str, path: Path, xlabel: str = "prompt fidelity",
-                       fixed_limits: bool = True) -> Path:
+                       fixed_limits: bool = True, draw=None, points: list | None = None) -> Path:
+    """``draw(axes)`` draws the content again into a zoomed inset when ``points`` ((x, y, x_sd, y_sd)
+    of every method's point) sit in a corner of the fixed [0, 1] axes: at the bench's figures every
+    method fell in one 0.1-wide patch, its labels on top of each other."""
     ax.set(xlabel=xlabel, ylabel=f"subject fidelity: {subject}")
     if fixed_limits:  # shares in [0, 1]; similarities such as CLIP-T span a narrow band: let it fill the axes
         ax.set(xlim=(0, 1.02), ylim=(0, 1.02))
+        if draw is not None and points:
+            _zoom(ax, draw, points)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
@@ -82,19 +87,48 @@ def _save_subject_plot(plt, fig, ax, subject: str, path: Path, xlabel: str = "pr
     return path
 
 
+ZOOM_SPAN = 0.35  # an inset when every point (± its sd) fits in a square this wide
+
+
+def _zoom(ax, draw, points: list) -> None:
+    lo_x, hi_x = min(x - dx for x, _, dx, _ in points), max(x + dx for x, _, dx, _ in points)
+    lo_y, hi_y = min(y - dy for _, y, _, dy in points), max(y + dy for _, y, _, dy in points)
+    if max(hi_x - lo_x, hi_y - lo_y) > ZOOM_SPAN:
+        return
+    pad = 0.02 + 0.1 * max(hi_x - lo_x, hi_y - lo_y)
+    # the inset goes to the side away from the points, so that it hides none of them
+    left, bottom = (0.08 if (lo_x + hi_x) / 2 > 0.5 else 0.45), (0.08 if (lo_y + hi_y) / 2 > 0.5 else 0.47)
+    inset = ax.inset_axes([left, bottom, 0.47, 0.45])
+    draw(inset)
+    inset.set(xlim=(lo_x - pad, hi_x + pad), ylim=(lo_y - pad, hi_y + pad))
+    inset.tick_params(labelsize=7)
+    inset.grid(alpha=0.3)
+    ax.indicate_inset_zoom(inset, edgecolor="gray")
+
+
 def method_pareto(cells: dict[str, dict], subject: str, path: Path, prompt_share: float = 0.9) -> Path:
     """Subject against prompt fidelity, one point per method ± one standard deviation over its
     training seeds (``cells``: name → mean and ``*_sd`` of both); "base" as a black cross with a
     dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar: right of it, the prompt kept)."""
     plt, fig, ax = _subject_axes()
-    for name, r in cells.items():
-        if name == "base":
-            ax.scatter([r["prompt"]], [r["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
-            ax.axvline(prompt_share * r["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
-        else:
-            ax.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
-                        fmt="o", ms=7, capsize=3, label=name)
-    return _save_subject_plot(plt, fig, ax, subject, path)
+    methods = {name: r for name, r in cells.items() if name != "base"}
+
+    def draw(a):
+        if "base" in cells:
+            _base(a, cells["base"], prompt_share)
+        for name, r in methods.items():
+            a.errorbar([r["prompt"]], [r["subject"]], xerr=[r.get("prompt_sd", 0)], yerr=[r.get("subject_sd", 0)],
+                       fmt="o", ms=7, capsize=3, label=name)
+
+    draw(ax)
+    points = [(r["prompt"], r["subject"], r.get("prompt_sd", 0), r.get("subject_sd", 0)) for r in methods.values()]
+    return _save_subject_plot(plt, fig, ax, subject, path, draw=draw, points=points)
+
+
+def _base(ax, base: dict, prompt_share: float) -> None:
+    """The base as a black cross, and the prompt bar: a dashed line at ``prompt_share`` × its prompt fidelity."""
+    ax.scatter([base["prompt"]], [base["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
+    ax.axvline(prompt_share * base["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
 
 
 def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject: str, path: Path,
@@ -105,13 +139,18 @@ def scale_pareto(lines: dict[str, list[tuple[float, dict]]], base: dict, subject
     (``point_label``: any other knob's values, e.g. "bg {:g}"); the base as a black cross and a
     dashed line at ``prompt_share`` × its prompt fidelity (issue 17's bar)."""
     plt, fig, ax = _subject_axes()
-    ax.scatter([base["prompt"]], [base["subject"]], marker="x", s=80, color="black", label="base", zorder=3)
-    ax.axvline(prompt_share * base["prompt"], color="gray", ls="--", lw=1, label=f"{prompt_share:g}× base prompt")
-    for name, points in lines.items():
-        x, y = [c["prompt"] for _, c in points], [c["subject"] for _, c in points]
-        bar = ax.errorbar(x, y, xerr=[c.get("prompt_sd", 0) for _, c in points],
-                          yerr=[c.get("subject_sd", 0) for _, c in points], fmt="o-", ms=5, capsize=3, label=name)
-        for (scale, _), xi, yi in zip(points, x, y):
-            ax.annotate(point_label.format(scale), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=bar[0].get_color())
-    return _save_subject_plot(plt, fig, ax, subject, path, xlabel, fixed_limits)
+
+    def draw(a):
+        _base(a, base, prompt_share)
+        for name, points in lines.items():
+            x, y = [c["prompt"] for _, c in points], [c["subject"] for _, c in points]
+            bar = a.errorbar(x, y, xerr=[c.get("prompt_sd", 0) for _, c in points],
+                             yerr=[c.get("subject_sd", 0) for _, c in points], fmt="o-", ms=5, capsize=3, label=name)
+            for (scale, _), xi, yi in zip(points, x, y):
+                a.annotate(point_label.format(scale), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                           color=bar[0].get_color())
+
+    draw(ax)
+    points = [(c["prompt"], c["subject"], c.get("prompt_sd", 0), c.get("subject_sd", 0))
+              for pts in lines.values() for _, c in pts]
+    return _save_subject_plot(plt, fig, ax, subject, path, xlabel, fixed_limits, draw, points)
