@@ -73,7 +73,7 @@ def _subject_axes():
 def _save_subject_plot(plt, fig, ax, subject: str, path: Path, xlabel: str = "prompt fidelity",
                        fixed_limits: bool = True, draw=None, points: list | None = None) -> Path:
     """``draw(axes)`` draws the content again into a zoomed inset when ``points`` ((x, y, x_sd, y_sd)
-    of every method's point) sit in a corner of the fixed [0, 1] axes: at the bench's figures every
+    of every method's point) sit in one small patch of the fixed [0, 1] axes: at the bench's figures every
     method fell in one 0.1-wide patch, its labels on top of each other."""
     ax.set(xlabel=xlabel, ylabel=f"subject fidelity: {subject}")
     if fixed_limits:  # shares in [0, 1]; similarities such as CLIP-T span a narrow band: let it fill the axes
