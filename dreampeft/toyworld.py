@@ -62,16 +62,32 @@ class Scene:
             words.append(self.size)
         words.append(name or f"{self.colour} {self.shape}")
         if "position" in self.mention:
-            words.append("in the center" if self.position == "center" else f"in the {self.position} corner")
+            words.append(position_phrase(self.position))
         if "background" in self.mention:
             words.append(f"on a {self.background} background")
         return " ".join(words)
 
 
-def instance_caption(scene: Scene, name: str = "sks object") -> str:
-    """A subject image's caption naming everything it shows besides the subject (kohya-style
-    captions: size, position, background), e.g. "a large sks object in the center on a white background"."""
-    return replace(scene, mention=("size", "position", "background")).caption(name)
+def position_phrase(position: str) -> str:
+    """How captions name a position: "in the center", "in the top left corner"."""
+    return "in the center" if position == "center" else f"in the {position} corner"
+
+
+ATTRIBUTES = ("size", "position", "background")  # what a caption can name besides the object
+
+
+def instance_caption(scene: Scene, name: str = "sks object", mention: tuple[str, ...] = ATTRIBUTES) -> str:
+    """A subject image's caption naming what it shows besides the subject (kohya-style captions; by
+    default size, position and background), e.g. "a large sks object in the center on a white background"."""
+    return replace(scene, mention=tuple(mention)).caption(name)
+
+
+def instance_tags(scene: Scene, name: str = "sks object", mention: tuple[str, ...] = ATTRIBUTES) -> str:
+    """``instance_caption`` as kohya's comma-separated tags, the subject first: "a sks object, large,
+    in the center, on a white background" (what ``--caption_tag_dropout_rate`` drops parts of)."""
+    words = {"size": scene.size, "position": position_phrase(scene.position),
+             "background": f"on a {scene.background} background"}
+    return ", ".join([f"a {name}", *(words[a] for a in ATTRIBUTES if a in mention)])
 
 
 def sample_scene(rng: random.Random, subject: str | None = None, mention_p: float = 0.7) -> Scene:
@@ -90,7 +106,7 @@ def asked(prompt: str) -> dict[str, str]:
     words = re.findall(r"[a-z]+", prompt.lower())
     found.update({"size": w for w in words if w in SIZES})
     for position in POSITIONS:
-        if ("in the center" if position == "center" else f"in the {position} corner") in prompt.lower():
+        if position_phrase(position) in prompt.lower():
             found["position"] = position
     background = re.search(r"on an? ([a-z]+) background", prompt.lower())
     if background and background.group(1) in BACKGROUNDS:

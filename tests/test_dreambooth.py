@@ -248,6 +248,8 @@ def test_two_processes_end_with_identical_adapters(tiny_sdxl, instance_dir, tmp_
     ("buckets_center", "--aspect_buckets with --center_crop"),
     ("ema_decay", r"--ema_decay must be in \(0, 1\)"),
     ("dropout_one", r"--caption_dropout_rate must be in \[0, 1\)"),
+    ("tag_dropout_one", r"--caption_tag_dropout_rate must be in \[0, 1\) \(got 1.0\)"),
+    ("keep_tokens_negative", r"--keep_tokens must be 0 or more \(got -1\)"),
     ("frac_without_te", "--train_text_encoder_frac only applies with --train_text_encoder"),
     ("mask_dir_alone", "--mask_dir only applies with --masked_loss"),
     ("eval_steps_zero", r"--eval_inference_steps must be >= 1 \(got 0\)"),
@@ -286,7 +288,8 @@ def test_bad_input_gives_one_clear_line(case, match, tiny_sdxl, instance_dir, tm
              "peft_mora": ["--adapter", "mora", "--extra_exports", "peft"],
              "bad_export": ["--extra_exports", "onnx"], "no_masks": ["--masked_loss"],
              "buckets_center": ["--aspect_buckets", "--center_crop"], "ema_decay": ["--use_ema", "--ema_decay", "1"],
-             "dropout_one": ["--caption_dropout_rate", "1"], "frac_without_te": ["--train_text_encoder_frac", "0.5"],
+             "dropout_one": ["--caption_dropout_rate", "1"], "tag_dropout_one": ["--caption_tag_dropout_rate", "1"],
+             "keep_tokens_negative": ["--keep_tokens", "-1"], "frac_without_te": ["--train_text_encoder_frac", "0.5"],
              "mask_dir_alone": ["--mask_dir", str(tmp_path)],
              "eval_steps_zero": ["--eval_inference_steps", "0"]}.get(case, extra)
     try:

@@ -1,4 +1,4 @@
-"""The community trainers' options: aspect buckets, masked loss, caption dropout, repeats,
+"""The community trainers' options: aspect buckets, masked loss, caption dropout, caption tags, repeats,
 text-encoder fraction, EMA and trackers — each as a property a user relies on, and resume
 staying exact with all of them on."""
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dreampeft.dreambooth import DreamBoothConfig
-from dreampeft.dreambooth.batch import batch_inputs, masked_mse
+from dreampeft.dreambooth.batch import batch_inputs, caption_tags, masked_mse
 from dreampeft.dreambooth.data import generator
 from dreampeft.dreambooth.ema import AdapterEMA
 from dreampeft.dreambooth.events import read_events
@@ -156,6 +156,44 @@ def test_caption_dropout_is_keyed_and_zeroes_the_conditioning(tiny_sdxl, instanc
     assert bool((batch_inputs(run, 7, g)["embeds"] == 0).all()) == dropped[7]  # the same draw again
 
 
+CAPTION = "a sks dog, sitting, on a beach, at sunset"
+
+
+@pytest.mark.parametrize("options,property", [
+    ({}, "as written"),
+    ({"caption_tag_dropout_rate": 0.0, "shuffle_caption": False, "keep_tokens": 3}, "as written"),
+    ({"shuffle_caption": True}, "same parts, head first"),
+    ({"shuffle_caption": True, "keep_tokens": 0}, "same parts"),
+    ({"caption_tag_dropout_rate": 0.5}, "head kept, others a subset in order"),
+    ({"caption_tag_dropout_rate": 0.5, "keep_tokens": 2}, "head kept, others a subset in order"),
+    ({"caption_tag_dropout_rate": 0.5, "shuffle_caption": True}, "head kept, others a subset"),
+])
+def test_caption_tags_keep_the_trigger_and_vary_the_rest(options, property):
+    """kohya's tag options over 400 draws: what is always kept, what varies, how often a tag is
+    dropped, and the same generator state giving the same caption (exact resume)."""
+    cfg = DreamBoothConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="p", **options)
+    parts, keep = CAPTION.split(", "), cfg.keep_tokens
+    seen = [caption_tags(CAPTION, cfg, generator(0, m, 0)) for m in range(400)]
+    assert caption_tags(CAPTION, cfg, generator(0, 7, 0)) == seen[7]
+    if property == "as written":
+        assert set(seen) == {CAPTION}
+        return
+    outs = [c.split(", ") for c in seen]
+    if "head" in property:
+        assert all(o[:keep] == parts[:keep] for o in outs)
+    rest = parts[keep:]
+    if property.startswith("same parts"):
+        assert all(sorted(o) == sorted(parts) for o in outs) and len(set(seen)) > 2  # shuffled, nothing lost
+    else:
+        assert all(set(o[keep:]) <= set(rest) and len(o[keep:]) == len(set(o[keep:])) for o in outs)
+        share = np.mean([[t in o[keep:] for t in rest] for o in outs], axis=0)
+        assert np.all(np.abs(share - 0.5) < 0.1), share  # each tag kept about half the time
+    if property.endswith("in order"):
+        assert all(o[keep:] == [t for t in rest if t in o[keep:]] for o in outs)
+    elif "shuffle_caption" in options:
+        assert any(o[keep:] != [t for t in rest if t in o[keep:]] for o in outs)
+
+
 def test_ema_follows_its_formula_and_swaps_back():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     import dreampeft as dp
@@ -179,14 +217,18 @@ def test_ema_follows_its_formula_and_swaps_back():
 
 
 ALL_ON = ["--adapter", "lora", "--rank", "2", "--random_flip", "--gradient_accumulation_steps", "2",
-          "--masked_loss", "--caption_dropout_rate", "0.3", "--repeats", "2", "--use_ema", "--ema_decay", "0.9",
+          "--masked_loss", "--caption_dropout_rate", "0.3", "--caption_tag_dropout_rate", "0.5", "--shuffle_caption",
+          "--repeats", "2", "--use_ema", "--ema_decay", "0.9",
           "--max_train_steps", "5", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
 
 
 def test_resume_is_exact_with_buckets_masks_dropout_and_ema(tiny_sdxl, tmp_path):
     """Three aspect ratios (three buckets), flips, random crops, accumulation, alpha masks, caption
-    dropout, repeats and EMA: interrupted at step 2 and resumed == uninterrupted, bit for bit."""
+    dropout, caption tags (dropped and shuffled), repeats and EMA: interrupted at step 2 and resumed
+    == uninterrupted, bit for bit."""
     data = _subject(tmp_path / "data", [(64, 64), (100, 60), (56, 104)], alpha=True)
+    for i in range(3):  # comma-separated captions, for the tag options to drop and shuffle
+        (data / f"img{i}.txt").write_text(f"a photo of sks toy, red, round, on blue, view {i}")
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert train_dreambooth.main(base_args(tiny_sdxl, data, full, *ALL_ON)) == 0
     assert train_dreambooth.main(base_args(tiny_sdxl, data, broken, *ALL_ON)) == 0
@@ -260,7 +302,7 @@ def test_kohya_file_carries_what_community_tools_read(tiny_sdxl, tmp_path):
     (data / "img0.txt").write_text("a photo of sks toy, red, ball")
     out = tmp_path / "out"
     assert train_dreambooth.main(base_args(tiny_sdxl, data, out, "--extra_exports", "kohya", "--repeats", "3",
-                                           "--use_ema")) == 0
+                                           "--use_ema", "--caption_tag_dropout_rate", "0.25")) == 0
     path = out / "pytorch_lora_weights_kohya.safetensors"
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -271,6 +313,8 @@ def test_kohya_file_carries_what_community_tools_read(tiny_sdxl, tmp_path):
     tags = json.loads(meta["ss_tag_frequency"])["3_data"]  # kohya's "repeats_folder" key
     assert tags == {"a photo of sks toy": 2, "red": 1, "ball": 1}
     assert meta["sshs_model_hash"] == tensor_hash(path)
+    assert (meta["ss_caption_tag_dropout_rate"], meta["ss_shuffle_caption"], meta["ss_keep_tokens"]) == ("0.25", "False", "1")
     card = (out / "README.md").read_text()
     assert "Aspect buckets: " in card and "exponential moving average (decay 0.999)" in card
+    assert "Caption tags after the first 1: tag dropout 0.25" in card
     assert card.startswith("---\nbase_model: ") and 'instance_prompt: "a photo of sks toy"' in card

@@ -58,6 +58,8 @@ def test_locon_recipe_adapts_the_resnets_with_the_bare_class_prompt(tmp_path, ca
     ("locon_masked", "lora", ["mask_background_weight=2"], "--mask_background_weight must be in [0, 1] (got 2"),
     ("locon_masked", "lora", ["masked_loss=false"], "--mask_background_weight only applies with --masked_loss"),
     ("locon_masked", "lora", ["class_captions=photos"], "class_captions: one of world, object, plain, shapes"),
+    ("locon_masked", "lora", ["instance_captions=yes"], "instance_captions: a JSON list of the attributes"),
+    ("locon_masked", "lora", ['instance_captions=["colour"]'], "each of size, position, background at most once"),
     ("prior", "lora,mora", ['unet_target_modules=["resnets"]'], "drop mora from --methods"),
 ])
 def test_a_bad_set_is_refused_before_anything_loads(tmp_path, capsys, recipe, methods, pairs, says):
@@ -83,3 +85,38 @@ def test_set_changes_one_option_of_the_recipe_and_the_results_say_so(tmp_path):
     assert config["mask_dir"] == str(tmp_path / "masks" / "star")
     assert config["class_data_dir"] == str(tmp_path / "class-plain") and config["train_batch_size"] == 5
     assert config["num_class_images"] == 2 and len(list((tmp_path / "class-plain").glob("class-*.png"))) == 2
+
+
+def test_captioned_recipe_trains_on_each_instance_images_own_caption(tmp_path):
+    """``locon_captioned``: each instance image is captioned with the background it shows ("a sks
+    object on a white background"), in a folder of its own; the trainer reads those captions instead
+    of "a sks object" (the kohya export's tag frequencies list them), and the bench's prompts stay as
+    they were. ``--set instance_captions`` names other attributes."""
+    from safetensors import safe_open
+
+    from dreampeft.toy.bench import write_subject
+    from dreampeft.toyworld import instance_caption, subject_scenes
+
+    assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1", "--recipe",
+                 "locon_captioned", "--subjects", "star", "--drift_captions", "0", "--set", "num_class_images=2",
+                 "--set", 'extra_exports=["kohya"]', "--out", str(tmp_path)]) == 0
+    expected = [instance_caption(s, mention=("background",)) for s in subject_scenes("star", 5)]
+    assert expected[0] == "a sks object on a white background" and len(set(expected)) == 4  # white twice
+    folder = tmp_path / "subjects-background" / "star"
+    assert [(folder / f"star-{i}.txt").read_text() for i in range(5)] == [c + "\n" for c in expected]
+    assert not (tmp_path / "subjects").exists()  # the plain recipes' folder stays caption-free
+    run = tmp_path / "runs" / "star-lora-0"
+    config = json.loads((run / "dreambooth_config.json").read_text())
+    assert config["instance_data_dir"] == str(folder) and "instance_captions" not in config
+    with safe_open(run / "pytorch_lora_weights_kohya.safetensors", "pt") as f:
+        tags = json.loads(f.metadata()["ss_tag_frequency"])
+    assert next(iter(tags.values())) == {c: expected.count(c) for c in expected}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["recipe_options"]["instance_captions"] == ["background"]
+    assert "a sks object on a green background" in saved["prompts"]
+    full = write_subject("star", tmp_path / "full", captions=("size", "position", "background"))
+    assert (full / "star-1.txt").read_text() == instance_caption(subject_scenes("star", 5)[1]) + "\n"
+    tags = write_subject("star", tmp_path / "tags", captions=("size", "position", "background"), tags=True)
+    assert (tags / "star-0.txt").read_text() == "a sks object, large, in the center, on a white background\n"
+    write_subject("star", full)  # rewritten uncaptioned, no stale caption is left to be read
+    assert sorted(p.suffix for p in full.iterdir()) == [".png"] * 5

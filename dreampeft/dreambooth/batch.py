@@ -1,7 +1,8 @@
 """One micro-batch: its views, latents, prompt embeddings and loss.
 
 Everything random in micro-batch m is drawn from ``generator(seed, m, rank)`` in a fixed order
-(flip, crop, caption dropout per example; then noise, offset, timesteps), so a resumed run draws
+(flip, crop, caption dropout, then the caption's tag shuffle and tag dropout per example; then noise,
+offset, timesteps), so a resumed run draws
 exactly what the uninterrupted run drew. An option that is off draws nothing, so turning a new
 option on never changes what the runs without it compute.
 """
@@ -49,13 +50,29 @@ def batch_inputs(run, micro: int, g: torch.Generator) -> dict:
             latents.append(encode_view(run, view.pixels, (FRESH, role, idx, micro), cache=False))
         time_ids.append(view.time_ids)
         dropped = cfg.caption_dropout_rate > 0 and bool(torch.rand(1, generator=g) < cfg.caption_dropout_rate)
-        prompts.append(None if dropped else ex.prompt)
+        prompts.append(None if dropped else caption_tags(ex.prompt, cfg, g))
         masks.append(view.mask)
     latents = torch.cat(latents)
     embeds, pooled = prompt_embeddings(run, prompts)
     return {"latents": latents, "embeds": embeds, "pooled": pooled,
             "time_ids": torch.stack(time_ids).to(run.device),
             "weights": loss_weights(masks, latents.shape[-2:], cfg.mask_background_weight, run.device)}
+
+
+def caption_tags(caption: str, cfg, g: torch.Generator) -> str:
+    """kohya's caption tags: the comma-separated parts after the first ``keep_tokens`` shuffled
+    (``shuffle_caption``) and each left out with probability ``caption_tag_dropout_rate``, drawn from
+    ``g``. With both off the caption is returned as written and nothing is drawn."""
+    if not (cfg.shuffle_caption or cfg.caption_tag_dropout_rate):
+        return caption
+    parts = [p.strip() for p in caption.split(",")]
+    head, tags = parts[:cfg.keep_tokens], parts[cfg.keep_tokens:]
+    if cfg.shuffle_caption:
+        tags = [tags[i] for i in torch.randperm(len(tags), generator=g).tolist()]
+    if cfg.caption_tag_dropout_rate:
+        kept = (torch.rand(len(tags), generator=g) >= cfg.caption_tag_dropout_rate).tolist()
+        tags = [t for t, k in zip(tags, kept) if k]
+    return ", ".join(p for p in head + tags if p)
 
 
 def loss_weights(masks: list, latent_hw, background: float, device) -> torch.Tensor | None:

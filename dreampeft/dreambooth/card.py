@@ -22,6 +22,10 @@ def _training_lines(cfg: DreamBoothConfig, buckets: list) -> list[str]:
                      f"background weight {cfg.mask_background_weight})")
     if cfg.caption_dropout_rate:
         lines.append(f"- Caption dropout {cfg.caption_dropout_rate}")
+    if cfg.caption_tag_dropout_rate or cfg.shuffle_caption:
+        done = [f"tag dropout {cfg.caption_tag_dropout_rate}"] if cfg.caption_tag_dropout_rate else []
+        done += ["shuffled"] if cfg.shuffle_caption else []
+        lines.append(f"- Caption tags after the first {cfg.keep_tokens}: {', '.join(done)}")
     if cfg.repeats > 1:
         lines.append(f"- Each image {cfg.repeats}× per epoch")
     if cfg.train_text_encoder and cfg.train_text_encoder_frac < 1:

@@ -69,6 +69,13 @@ class DreamBoothConfig:
     mask_background_weight: float = option(0.0, "loss weight outside the mask (0: the background is ignored)")
     caption_dropout_rate: float = option(0.0, "share of captions replaced by the empty prompt, SDXL's "
                                          "unconditional (0.05-0.1 is common)")
+    caption_tag_dropout_rate: float = option(0.0, "kohya's tag dropout: each comma-separated part of a caption "
+                                             "after the first --keep_tokens is left out with this probability, "
+                                             "drawn every step, so no part is learnt as the trigger's")
+    shuffle_caption: bool = option(False, "kohya's: shuffle each caption's comma-separated parts after the "
+                                   "first --keep_tokens, every step")
+    keep_tokens: int = option(1, "comma-separated parts at the head of each caption that tag dropout and "
+                              "shuffling never touch (the trigger's; kohya's default is 0)")
     # -- optimisation
     train_batch_size: int = option(1, "instance images per device per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
@@ -205,6 +212,9 @@ class DreamBoothConfig:
                 "--mask_background_weight only applies with --masked_loss")
         require(0 <= self.caption_dropout_rate < 1,
                 f"--caption_dropout_rate must be in [0, 1) (got {self.caption_dropout_rate})")
+        require(0 <= self.caption_tag_dropout_rate < 1,
+                f"--caption_tag_dropout_rate must be in [0, 1) (got {self.caption_tag_dropout_rate})")
+        require(self.keep_tokens >= 0, f"--keep_tokens must be 0 or more (got {self.keep_tokens})")
         require(0 < self.train_text_encoder_frac <= 1,
                 f"--train_text_encoder_frac must be in (0, 1] (got {self.train_text_encoder_frac})")
         require(self.train_text_encoder or self.train_text_encoder_frac == 1,

@@ -29,7 +29,7 @@ import torch
 from ..dreambooth import DreamBoothConfig, train
 from ..dreambooth.plots import method_pareto
 from ..presets import RESOLUTION, TOY, method_preset
-from ..toyworld import SUBJECTS, object_mask, render, subject_scenes
+from ..toyworld import SUBJECTS, instance_caption, instance_tags, object_mask, render, subject_scenes
 from ..utils import image_grid
 from .evaluate import attribute_hits, generate, judge_images, prompt_following
 from .models import HEADS
@@ -48,10 +48,19 @@ RECONTEXT = {  # prompt → the attributes it asks for
     "a small sks object in the top left corner": {"size": "small", "position": "top left"},
     "a large sks object in the bottom right corner": {"size": "large", "position": "bottom right"},
 }
-def write_subject(subject: str, folder: Path, n: int = 5) -> Path:
+def write_subject(subject: str, folder: Path, n: int = 5, captions: tuple[str, ...] = (), tags: bool = False) -> Path:
+    """The subject's ``n`` instance images; ``captions``: the attributes (``toyworld.ATTRIBUTES``) that
+    each image's ``instance_caption`` (``tags``: ``instance_tags``), written beside it as ``NAME.txt``
+    (which the trainer reads instead of the instance prompt), names; none: no caption files."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(subject_scenes(subject, n)):
         render(scene).save(folder / f"{subject}-{i}.png")
+        caption = folder / f"{subject}-{i}.txt"
+        if captions:
+            words = (instance_tags if tags else instance_caption)(scene, INSTANCE_PROMPT.removeprefix("a "), captions)
+            caption.write_text(words + "\n")
+        else:
+            caption.unlink(missing_ok=True)
     return folder
 
 
@@ -140,7 +149,11 @@ def _prepare(pipe, subject: str, recipe: str, out: Path, overrides: dict | None 
     ``overrides``) for it (its masks; the class images, drawn once per ``out`` and shared by every subject)."""
     class_dir = class_images_if_needed(pipe, out / "class", recipe_config(recipe, overrides))
     options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject), overrides)
-    return write_subject(subject, out / "subjects" / subject), options
+    config = recipe_config(recipe, overrides)
+    captions, tags = tuple(config.get("instance_captions", ())), bool(config.get("instance_tags"))
+    # one instance folder per caption design, so benches of several recipes in one --out never share one
+    folder = out / "-".join(["subjects", *captions, *(["tags"] if tags and captions else [])]) / subject
+    return write_subject(subject, folder, captions=captions, tags=tags), options
 
 
 def check_recipe(recipe: str, methods: list[str], overrides: dict | None = None) -> None:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..toyworld import sample_scene
+from ..toyworld import ATTRIBUTES, sample_scene
 
 SELECT_PROMPTS = [  # held out from bench.RECONTEXT: other backgrounds, corners and sizes
     "a sks object on a yellow background",
@@ -63,7 +63,8 @@ CLASS_IMAGES = 48
 # none of the backgrounds, corners or sizes the subject must be let into.
 CLASS_CAPTIONS = {"world": {}, "object": {"noun": "object"}, "plain": {"noun": "object", "mention_p": 0.0},
                   "shapes": {"mention_p": 0.0}}
-STEPS = {"transformer": 1000, "locon": 1000, "locon_shapes": 1000, "locon_unet": 1000, "locon_masked": 1000}  # a recipe's steps when the bench is not given --steps
+STEPS = {"transformer": 1000, "locon": 1000, "locon_shapes": 1000, "locon_unet": 1000, "locon_masked": 1000,
+         "locon_captioned": 500, "locon_tags": 500}  # a recipe's steps when the bench is not given --steps
 DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is explained)
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
@@ -92,6 +93,21 @@ RECIPES: dict[str, dict] = {
     # should leak less into the recontext prompts' backgrounds
     "locon_masked": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
                      "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2},
+    # locon_masked with every instance image captioned with the background it shows
+    # (``toyworld.instance_caption``, kohya-style: "a sks object on a white background"): under
+    # locon_masked the ball's runs drew small orange blobs on white for the corner prompts — the
+    # instance images' white backgrounds had been learnt as part of "sks". ``--set
+    # instance_captions='["size","position","background"]'`` names all three.
+    "locon_captioned": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                        "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2,
+                        "instance_captions": ["background"]},
+    # locon_masked with all three attributes named, as kohya's tags ("a sks object, small, in the top
+    # left corner, on a white background"), half of them left out at every step: captioned sentences
+    # bound the ball to the words they always named (drawn for corner prompts, never for "a sks object
+    # on a green background"); with random subsets every prompt's subset was seen with the subject
+    "locon_tags": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                   "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2,
+                   "instance_captions": list(ATTRIBUTES), "instance_tags": True, "caption_tag_dropout_rate": 0.5},
     "full": {**PRIOR, "masked_loss": True, "mask_background_weight": 0.2,
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
@@ -155,6 +171,9 @@ def recipe_options(recipe: str, class_dir: Path | None, mask_dir: Path | None, o
     return with_paths(recipe_config(recipe, overrides), class_dir, mask_dir)
 
 
+# keys of a recipe that the bench reads itself, not trainer options: how the class images and the
+# instance images are captioned
+BENCH_KEYS = ("class_captions", "instance_captions", "instance_tags")
 # what the bench sets for every run itself: a --set of these would be silently replaced
 BENCH_OWNED = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "output_dir", "adapter",
                "learning_rate", "max_train_steps", "seed", "class_data_dir", "class_prompt", "mask_dir")
@@ -170,7 +189,7 @@ def parse_overrides(pairs: list[str], recipe: str) -> dict:
 
     from ..dreambooth.config import ConfigError, DreamBoothConfig
 
-    names = {f.name for f in fields(DreamBoothConfig)} - set(BENCH_OWNED) | {"class_captions"}
+    names = {f.name for f in fields(DreamBoothConfig)} - set(BENCH_OWNED) | set(BENCH_KEYS)
     overrides = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -178,7 +197,7 @@ def parse_overrides(pairs: list[str], recipe: str) -> dict:
         if not sep or key not in names:
             owned = f" (the bench sets {key} itself)" if key in BENCH_OWNED else ""
             raise ValueError(f"--set {pair!r}: want KEY=VALUE with KEY a trainer option{owned}, e.g. "
-                             "mask_background_weight=0.1 or class_captions=shapes")
+                             "mask_background_weight=0.1, class_captions=shapes or instance_captions='[\"background\"]'")
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -187,6 +206,10 @@ def parse_overrides(pairs: list[str], recipe: str) -> dict:
     if options.get("class_captions", "world") not in CLASS_CAPTIONS:
         raise ValueError(f"--set class_captions: one of {', '.join(CLASS_CAPTIONS)} "
                          f"(got {options['class_captions']!r})")
+    named = options.get("instance_captions", [])
+    if not isinstance(named, list) or not set(named) <= set(ATTRIBUTES) or len(set(named)) < len(named):
+        raise ValueError(f"--set instance_captions: a JSON list of the attributes each instance caption names, "
+                         f"each of {', '.join(ATTRIBUTES)} at most once, e.g. '[\"background\"]' (got {named!r})")
     try:
         DreamBoothConfig(pretrained_model_name_or_path="toy", instance_data_dir="subject",
                          instance_prompt="a sks object", **with_paths(options, Path("class"), Path("masks")))
@@ -200,6 +223,8 @@ def with_paths(options: dict, class_dir: Path | None, mask_dir: Path | None) -> 
     loss read."""
     options = dict(options)
     design = options.pop("class_captions", "world")
+    for key in BENCH_KEYS[1:]:  # read by the bench when it writes the instance folder
+        options.pop(key, None)
     if options.get("with_prior_preservation"):
         options.update(class_data_dir=str(class_folder(class_dir, design)), class_prompt="a object")
     if options.get("masked_loss"):
