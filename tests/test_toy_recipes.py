@@ -88,10 +88,11 @@ def test_set_changes_one_option_of_the_recipe_and_the_results_say_so(tmp_path):
 
 
 def test_captioned_recipe_trains_on_each_instance_images_own_caption(tmp_path):
-    """``locon_captioned``: each instance image is captioned with the background it shows ("a sks
-    object on a white background"), in a folder of its own; the trainer reads those captions instead
-    of "a sks object" (the kohya export's tag frequencies list them), and the bench's prompts stay as
-    they were. ``--set instance_captions`` names other attributes."""
+    """``locon_captioned`` with ``--set instance_captions='["background"]'``: each instance image is
+    captioned with the background it shows ("a sks object on a white background"), in a folder of its
+    own; the trainer reads those captions instead of "a sks object" (the kohya export's tag
+    frequencies list them), and the bench's prompts stay as they were. The recipe itself names size,
+    corner and background, as sentences or (``instance_tags``) kohya's tags."""
     from safetensors import safe_open
 
     from dreampeft.toy.bench import write_subject
@@ -99,7 +100,7 @@ def test_captioned_recipe_trains_on_each_instance_images_own_caption(tmp_path):
 
     assert main(["bench", "--methods", "lora", "--steps", "2", "--seeds", "1", "--train_seeds", "1", "--recipe",
                  "locon_captioned", "--subjects", "star", "--drift_captions", "0", "--set", "num_class_images=2",
-                 "--set", 'extra_exports=["kohya"]', "--out", str(tmp_path)]) == 0
+                 "--set", 'extra_exports=["kohya"]', "--set", 'instance_captions=["background"]', "--out", str(tmp_path)]) == 0
     expected = [instance_caption(s, mention=("background",)) for s in subject_scenes("star", 5)]
     assert expected[0] == "a sks object on a white background" and len(set(expected)) == 4  # white twice
     folder = tmp_path / "subjects-background" / "star"
@@ -114,6 +115,7 @@ def test_captioned_recipe_trains_on_each_instance_images_own_caption(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["recipe_options"]["instance_captions"] == ["background"]
     assert "a sks object on a green background" in saved["prompts"]
+    assert RECIPES["locon_captioned"]["instance_captions"] == ["size", "position", "background"]
     full = write_subject("star", tmp_path / "full", captions=("size", "position", "background"))
     assert (full / "star-1.txt").read_text() == instance_caption(subject_scenes("star", 5)[1]) + "\n"
     tags = write_subject("star", tmp_path / "tags", captions=("size", "position", "background"), tags=True)

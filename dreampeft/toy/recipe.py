@@ -93,14 +93,14 @@ RECIPES: dict[str, dict] = {
     # should leak less into the recontext prompts' backgrounds
     "locon_masked": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
                      "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2},
-    # locon_masked with every instance image captioned with the background it shows
-    # (``toyworld.instance_caption``, kohya-style: "a sks object on a white background"): under
-    # locon_masked the ball's runs drew small orange blobs on white for the corner prompts — the
-    # instance images' white backgrounds had been learnt as part of "sks". ``--set
-    # instance_captions='["size","position","background"]'`` names all three.
+    # locon_masked with every instance image captioned with what it shows besides the subject
+    # (``toyworld.instance_caption``, kohya-style: "a small sks object in the top left corner on a white
+    # background"): under locon_masked the ball's runs drew small orange blobs on white for the corner
+    # prompts — the instance images' white backgrounds and small sizes had been learnt as part of
+    # "sks". ``--set instance_captions='["background"]'`` names the background alone.
     "locon_captioned": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
                         "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2,
-                        "instance_captions": ["background"]},
+                        "instance_captions": list(ATTRIBUTES)},
     # locon_masked with all three attributes named, as kohya's tags ("a sks object, small, in the top
     # left corner, on a white background"), half of them left out at every step: captioned sentences
     # bound the ball to the words they always named (drawn for corner prompts, never for "a sks object
