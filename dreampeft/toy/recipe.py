@@ -37,7 +37,11 @@ fidelity (``bench/results/toy_locon_masked.md``); LoRA-Dash and DoRA (session 19
 and 0.70 ± 0.18, star 0.50 ± 0.21 and 0.43 ± 0.18 (``toy_bench_locon_masked_dash_dora.md``). All of
 the above on the first toy. On the shipped toy (session 27, 500 steps, 3 training seeds): star
 0.74–0.81, striped ball 0.56–0.60 for LoRA, LoRA-Dash and DoRA, at 0.83–0.88× / 0.67–0.76× the base's
-prompt fidelity (``bench/results/toy2_bench_locon_masked.md``); the demo's recipe.
+prompt fidelity (``bench/results/toy2_bench_locon_masked.md``); the demo's recipe. ``locon_captioned``
+(session 29; each instance image's size, corner and background named): star 0.67–0.81 at 0.94–0.96× the
+prompt at 750 steps — but drawn small, where the judge reads blurry shapes as stars (README), with drift
+0.61 against 0.75; the striped ball not learnt (0.000, one seed). ``locon_tags`` (the same as kohya's
+tags, half dropped every step): ball 0.59 ± 0.20 at 0.74× (500 steps), ``locon_masked``'s point.
 ``bench --set KEY=VALUE`` changes one trainer option over a recipe's (``parse_overrides``).
 """
 
