@@ -60,6 +60,7 @@ def test_locon_recipe_adapts_the_resnets_with_the_bare_class_prompt(tmp_path, ca
     ("locon_masked", "lora", ["class_captions=photos"], "class_captions: one of world, object, plain, shapes"),
     ("locon_masked", "lora", ["instance_captions=yes"], "instance_captions: a JSON list of the attributes"),
     ("locon_masked", "lora", ['instance_captions=["colour"]'], "each of size, position, background at most once"),
+    ("locon_tags", "lora", ["instance_tags=1"], "--set instance_tags: true or false (got 1)"),
     ("prior", "lora,mora", ['unet_target_modules=["resnets"]'], "drop mora from --methods"),
 ])
 def test_a_bad_set_is_refused_before_anything_loads(tmp_path, capsys, recipe, methods, pairs, says):

@@ -147,9 +147,9 @@ def _learn(pipe, judge, model_dir, folder: Path, subject: str, method: str, run:
 def _prepare(pipe, subject: str, recipe: str, out: Path, overrides: dict | None = None) -> tuple[Path, dict]:
     """A subject's instance folder under ``out`` and the trainer options of ``recipe`` (and
     ``overrides``) for it (its masks; the class images, drawn once per ``out`` and shared by every subject)."""
-    class_dir = class_images_if_needed(pipe, out / "class", recipe_config(recipe, overrides))
-    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject), overrides)
     config = recipe_config(recipe, overrides)
+    class_dir = class_images_if_needed(pipe, out / "class", config)
+    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject), overrides)
     captions, tags = tuple(config.get("instance_captions", ())), bool(config.get("instance_tags"))
     # one instance folder per caption design, so benches of several recipes in one --out never share one
     folder = out / "-".join(["subjects", *captions, *(["tags"] if tags and captions else [])]) / subject

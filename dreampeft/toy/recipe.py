@@ -73,6 +73,8 @@ DEFAULT_STEPS = 300  # every other recipe's (bench.BENCH_STEPS, where the 300 is
 
 PRIOR = {"with_prior_preservation": True, "num_class_images": CLASS_IMAGES, "prior_loss_weight": 1.0,
          "caption_dropout_rate": 0.1}
+LOCON_MASKED = {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
+                "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2}
 RECIPES: dict[str, dict] = {
     "plain": {},
     "prior": PRIOR,
@@ -95,23 +97,19 @@ RECIPES: dict[str, dict] = {
     # locon with the instance images' backgrounds weighted 0.2 in the loss (their object masks): the
     # white, gray, blue and striped backgrounds the subject was shown on are learnt less, so they
     # should leak less into the recontext prompts' backgrounds
-    "locon_masked": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
-                     "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2},
+    "locon_masked": LOCON_MASKED,
     # locon_masked with every instance image captioned with what it shows besides the subject
     # (``toyworld.instance_caption``, kohya-style: "a small sks object in the top left corner on a white
     # background"): under locon_masked the ball's runs drew small orange blobs on white for the corner
     # prompts — the instance images' white backgrounds and small sizes had been learnt as part of
     # "sks". ``--set instance_captions='["background"]'`` names the background alone.
-    "locon_captioned": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
-                        "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2,
-                        "instance_captions": list(ATTRIBUTES)},
+    "locon_captioned": {**LOCON_MASKED, "instance_captions": list(ATTRIBUTES)},
     # locon_masked with all three attributes named, as kohya's tags ("a sks object, small, in the top
     # left corner, on a white background"), half of them left out at every step: captioned sentences
     # bound the ball to the words they always named (drawn for corner prompts, never for "a sks object
     # on a green background"); with random subsets every prompt's subset was seen with the subject
-    "locon_tags": {**PRIOR, "unet_target_modules": ["transformer", "resnets"], "train_batch_size": 5,
-                   "class_captions": "plain", "masked_loss": True, "mask_background_weight": 0.2,
-                   "instance_captions": list(ATTRIBUTES), "instance_tags": True, "caption_tag_dropout_rate": 0.5},
+    "locon_tags": {**LOCON_MASKED, "instance_captions": list(ATTRIBUTES), "instance_tags": True,
+                   "caption_tag_dropout_rate": 0.5},
     "full": {**PRIOR, "masked_loss": True, "mask_background_weight": 0.2,
              "use_ema": True, "ema_decay": 0.99, "eval_steps": 50, "eval_prompts": SELECT_PROMPTS,
              "eval_images": 2, "keep_best": "balanced"},
@@ -214,6 +212,8 @@ def parse_overrides(pairs: list[str], recipe: str) -> dict:
     if not isinstance(named, list) or not set(named) <= set(ATTRIBUTES) or len(set(named)) < len(named):
         raise ValueError(f"--set instance_captions: a JSON list of the attributes each instance caption names, "
                          f"each of {', '.join(ATTRIBUTES)} at most once, e.g. '[\"background\"]' (got {named!r})")
+    if not isinstance(options.get("instance_tags", False), bool):
+        raise ValueError(f"--set instance_tags: true or false (got {options['instance_tags']!r})")
     try:
         DreamBoothConfig(pretrained_model_name_or_path="toy", instance_data_dir="subject",
                          instance_prompt="a sks object", **with_paths(options, Path("class"), Path("masks")))
