@@ -53,24 +53,25 @@ def blurred_shapes(judge, subject: str = "star", n: int = 48, blurs=(0.0, 1.0, 2
 
 
 def by_size(groups: list[str], subject: str) -> list[str]:
-    """Per group of bench runs: subject fidelity, share judged large, subject fidelity on large drawings."""
+    """Per group of bench runs: subject fidelity, share judged large, and ``subject_large`` (the
+    bench's own ``score``: subject fidelity on drawings the judge reads as large)."""
     from dreampeft.pipeline import load_into_pipeline, unload
-    from dreampeft.toy.bench import _load, generations
+    from dreampeft.toy.bench import _load, generations, score
 
     pipe, judge = _load(MODEL)
+    large = HEADS["size"].index("large")
     lines = []
     for group in groups:
         per_run = []
         for run in group.split(","):
             load_into_pipeline(pipe, run)
             try:
-                _, images = generations(pipe, 4)
+                prompts, images = generations(pipe, 4)
             finally:
                 unload(pipe)
-            probs = judge_images(judge, images)
-            p = probs["object"][:, HEADS["object"].index(subject)].numpy()
-            large = (probs["size"].argmax(-1) == HEADS["size"].index("large")).numpy()
-            per_run.append((p.mean(), large.mean(), p[large].sum() / len(p)))
+            s = score(judge, images, prompts, subject)
+            share = float((judge_images(judge, images)["size"].argmax(-1) == large).float().mean())
+            per_run.append((s["subject"], share, s["subject_large"]))
         r = np.array(per_run)
         lines.append(f"{group.split(',')[0]} (+{len(r) - 1}): subject {r[:, 0].mean():.3f}, judged large "
                      f"{r[:, 1].mean():.2f}, subject on large drawings {r[:, 2].mean():.3f} (runs {np.round(r[:, 2], 3).tolist()})")
