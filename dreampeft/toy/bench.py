@@ -33,7 +33,7 @@ from ..toyworld import SUBJECTS, instance_caption, instance_tags, object_mask, r
 from ..utils import image_grid
 from .evaluate import attribute_hits, generate, judge_images, prompt_following
 from .models import HEADS
-from .recipe import DEFAULT_STEPS, class_images_if_needed, recipe_config, recipe_options, recipe_steps
+from .recipe import DEFAULT_STEPS, class_images_if_needed, recipe_config, recipe_steps, with_paths
 
 INSTANCE_PROMPT = "a sks object"
 # 300 steps with the text encoders adapted too: "sks" and "object" mean nothing to the toy's encoders.
@@ -48,6 +48,8 @@ RECONTEXT = {  # prompt → the attributes it asks for
     "a small sks object in the top left corner": {"size": "small", "position": "top left"},
     "a large sks object in the bottom right corner": {"size": "large", "position": "bottom right"},
 }
+
+
 def write_subject(subject: str, folder: Path, n: int = 5, captions: tuple[str, ...] = (), tags: bool = False) -> Path:
     """The subject's ``n`` instance images; ``captions``: the attributes (``toyworld.ATTRIBUTES``) that
     each image's ``instance_caption`` (``tags``: ``instance_tags``), written beside it as ``NAME.txt``
@@ -155,7 +157,7 @@ def _prepare(pipe, subject: str, recipe: str, out: Path, overrides: dict | None 
     ``overrides``) for it (its masks; the class images, drawn once per ``out`` and shared by every subject)."""
     config = recipe_config(recipe, overrides)
     class_dir = class_images_if_needed(pipe, out / "class", config)
-    options = recipe_options(recipe, class_dir, write_masks(subject, out / "masks" / subject), overrides)
+    options = with_paths(config, class_dir, write_masks(subject, out / "masks" / subject))
     captions, tags = tuple(config.get("instance_captions", ())), bool(config.get("instance_tags"))
     # one instance folder per caption design, so benches of several recipes in one --out never share one
     folder = out / "-".join(["subjects", *captions, *(["tags"] if tags and captions else [])]) / subject
