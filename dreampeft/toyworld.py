@@ -54,6 +54,9 @@ class Scene:
     jitter: tuple[float, float] = (0.0, 0.0)  # offset in image shares, for variety
     angle: float = 0.0  # degrees
     mention: tuple[str, ...] = ("size", "position", "background")  # attributes the caption names
+    # the object's diameter × this: only the judge's training draws objects off the two sizes (toy
+    # models draw dots smaller than "small", which a judge that never saw one read as the star)
+    scale: float = 1.0
 
     def caption(self, name: str | None = None) -> str:
         """English caption; ``name`` replaces "colour shape" (e.g. "sks object" for a subject)."""
@@ -162,7 +165,7 @@ def _geometry(scene: Scene, side: int) -> tuple[str, float, float, float]:
     """(base shape, centre x, centre y, radius) in pixels of a ``side``-pixel canvas."""
     px, py = POSITIONS[scene.position]
     shape = ALL_SUBJECTS[scene.shape][0] if scene.shape in ALL_SUBJECTS else scene.shape
-    return shape, (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side, SIZES[scene.size] * side / 2
+    return shape, (px + scene.jitter[0]) * side, (py + scene.jitter[1]) * side, SIZES[scene.size] * scene.scale * side / 2
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, side: int, fill) -> None:

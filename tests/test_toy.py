@@ -157,21 +157,37 @@ def test_trainer_scores_an_unknown_subject_by_its_object_not_its_background(toy)
     assert drawn["subject"] - leaked["subject"] > 5 * abs(gap), (drawn, leaked)
 
 
-def test_bench_counts_the_subject_on_large_drawings_apart(toy):
-    """The judge reads small blurry triangles as the star (bench/toy_judge_small.py: 88 % under a
-    2-px blur), so ``subject`` rewards a model that draws blobs small; ``subject_large`` counts only
-    drawings read as large: half of a set of sharp stars, none of the blurry small triangles."""
+@pytest.mark.parametrize("shape, size, blur, low, high", [
+    ("star", "small", 2, 0.85, 1.0), ("star", "large", 3, 0.85, 1.0), ("triangle", "small", 2, 0.0, 0.3),
+    ("square", "small", 2, 0.0, 0.1), ("diamond", "small", 2, 0.0, 0.1), ("circle", "small", 2, 0.0, 0.05),
+    ("triangle", "small", 0, 0.0, 0.05)])
+def test_judge_reads_blurry_shapes_as_what_they_are(toy, shape, size, blur, low, high):
+    """The toy draws blurry objects, and the bench's subject fidelity is the judge's star probability:
+    a blurry star must read as the star and a blurry triangle must not. The first judge (sharp renders
+    only) read small triangles under a 2-px blur as the star (0.84) and large stars under 3 px as
+    other shapes (0.48); the shipped one (trained with blur up to 3 px; measured on 48 renders: star
+    0.98 / 0.98, triangle 0.19, square, diamond and circle 0.00–0.02) reads them as they are."""
     from dataclasses import replace
 
     from PIL import ImageFilter
 
     rng = random.Random(3)
+    scenes = [replace(sample_scene(rng), shape=shape, size=size, colour="orange") for _ in range(24)]
+    images = [render(s).filter(ImageFilter.GaussianBlur(blur)) if blur else render(s) for s in scenes]
+    star = float(judge_images(toy[1], images)["object"][:, HEADS["object"].index("star")].mean())
+    assert low <= star <= high, star
+
+
+def test_bench_counts_the_subject_on_large_drawings_apart(toy):
+    """``subject_large`` counts only the drawings the judge reads as large: half of a set of sharp
+    stars, half small and half large."""
+    from dataclasses import replace
+
+    rng = random.Random(3)
     scenes = [replace(sample_scene(rng), shape="star", colour="orange", background="green") for _ in range(16)]
     stars = [render(replace(s, size=("small", "large")[i % 2])) for i, s in enumerate(scenes)]
-    blobs = [render(replace(s, shape="triangle", size="small")).filter(ImageFilter.GaussianBlur(2)) for s in scenes]
-    real, fooled = (score(toy[1], images, [""] * 16, "star") for images in (stars, blobs))
-    assert real["subject"] > 0.95 and real["subject_large"] == pytest.approx(0.5, abs=0.05), real
-    assert fooled["subject"] > 0.5 and fooled["subject_large"] < 0.05, fooled
+    real = score(toy[1], stars, [""] * 16, "star")
+    assert real["subject"] > 0.9 and real["subject_large"] == pytest.approx(0.5, abs=0.05), real
 
 
 def test_toy_vae_keeps_shapes_and_colours(toy):
@@ -202,10 +218,11 @@ FLOORS = {"object": 0.90, "colour": 0.95, "background": 0.95, "position": 0.80, 
 
 def test_toy_model_follows_prompts(toy):
     """The shipped base follows every word of a full caption (chance: 1/4, 1/6, 1/9, 1/5, 1/2): on
-    the 60 captions of ``pretrain_report.json`` it meets issue 17's floors (measured 0.933, 1.0, 1.0,
-    0.90, 1.0 — the report's figures, reproduced), and on 24 other captions it keeps them with the
-    margins measured there (1.0, 1.0, 1.0, 0.958, 1.0; one miss in 24 is 0.042). The toy before it
-    read 0.55, 0.93, 0.87, 0.20 (corners ignored), 0.92."""
+    the 60 captions of ``pretrain_report.json`` it meets issue 17's floors (measured 0.95, 1.0, 1.0,
+    0.90, 0.983 by the blur-trained judge — the report's figures, reproduced; the first judge read
+    0.933, 1.0, 1.0, 0.90, 1.0), and on 24 other captions it keeps them with the margins measured
+    there (1.0, 1.0, 1.0, 0.958, 1.0; one miss in 24 is 0.042). The toy before it read 0.55, 0.93,
+    0.87, 0.20 (corners ignored), 0.92."""
     report = json.loads((TOY_MODEL / "pretrain_report.json").read_text())["prompt_following"]
     acc = prompt_following(*toy)
     assert acc == pytest.approx(report, abs=0.02), (acc, report)
@@ -233,25 +250,25 @@ def _star_run(toy, tmp_path, steps: int, images: int = 2, **options) -> tuple[di
 
 def test_dreambooth_on_the_toy_learns_an_unseen_subject(toy, tmp_path):
     """The trainer's defaults (LoRA, batches of 2). Measured on the shipped toy, 2 images per
-    recontext prompt: the star's subject fidelity 0.106 → 0.299 / 0.412 / 0.368 after 150 / 200 / 300
-    steps, while prompt fidelity falls 0.93 → 0.64 (what the recipes are for). 200 steps here."""
-    before, after = _star_run(toy, tmp_path, steps=200)
-    assert after["subject"] > before["subject"] + 0.2, (before, after)
+    recontext prompt, by the blur-trained judge: the star's subject fidelity 0.099 → 0.28 / 0.53
+    after 200 / 300 steps, while prompt fidelity falls 0.93 → 0.71 / 0.64 (what the recipes are for).
+    The first judge read 0.106 → 0.41 / 0.37: it took the blobs of 200 steps for stars. 300 steps here."""
+    before, after = _star_run(toy, tmp_path, steps=300)
+    assert after["subject"] > before["subject"] + 0.25, (before, after)
 
 
 def test_the_locon_recipe_draws_the_star_and_keeps_the_prompt(toy, tmp_path):
     """Issue 17's check on the shipped base: a short run of a recipe that draws the subject
     (``locon``: kohya's conv LoRA, prior preservation on the base's "a object", batches of all 5
-    images; LoRA, 100 steps) raises the star's subject fidelity by a wide margin while prompt
-    fidelity stays over 0.8× the base's. Measured here (2 images per recontext prompt): subject
-    0.106 → 0.454 / 0.421 / 0.507 after 100 / 150 / 200 steps, prompt 0.929 → 0.857 / 0.929 / 0.857
-    (≥ 0.92×). The demo's ``locon_masked`` learns faster (0.59 after 100 steps) but kept 0.786 of the
-    prompt (0.85×), one judged attribute of 14 above the bar: too close for a test on any CPU."""
+    images; LoRA, 100 steps) raises the star's subject fidelity well over the base's while prompt
+    fidelity stays over 0.8× the base's. Measured here by the blur-trained judge (2 images per
+    recontext prompt): subject 0.099 → 0.373 / 0.352 / 0.310 after 100 / 150 / 200 steps, prompt
+    0.929 → 0.786 / 0.929 / 0.786 (≥ 0.85×); the first judge read 0.106 → 0.454 / 0.421 / 0.507."""
     from dreampeft.toy.bench import write_masks
     from dreampeft.toy.recipe import class_images_if_needed, recipe_config, recipe_options
 
     class_dir = class_images_if_needed(toy[0], tmp_path / "class", recipe_config("locon"))
     options = recipe_options("locon", class_dir, write_masks("star", tmp_path / "masks"))
     before, after = _star_run(toy, tmp_path, steps=100, **options)
-    assert after["subject"] > before["subject"] + 0.25, (before, after)
+    assert after["subject"] > before["subject"] + 0.15, (before, after)
     assert after["prompt"] >= 0.8 * before["prompt"], (before, after)

@@ -12,6 +12,7 @@ import torch
 from dreampeft.toy.evaluate import is_toy
 from dreampeft.toy.models import HEADS
 
+
 @pytest.mark.parametrize("unnamed", ["any", "center", "top left"])
 def test_pretrain_scenes_put_the_object_where_an_unnamed_position_says(unnamed):
     """Captions that name no position show the object at ``unnamed_position``; the others (and
@@ -64,6 +65,9 @@ def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(t
     assert main(["pretrain", str(tmp_path / "own"), *tiny, "--init", str(tmp_path / "full"), "--judge_steps", "3"]) == 0
     own = load_file(tmp_path / "own" / "judge.safetensors")
     assert not all(torch.equal(judges["full"][k], own[k]) for k in own)
+    assert main(["pretrain", str(tmp_path / "sharp"), *tiny, "--init", str(tmp_path / "full"), "--judge_blur", "0"]) == 0
+    sharp = load_file(tmp_path / "sharp" / "judge.safetensors")
+    assert not all(torch.equal(judges["full"][k], sharp[k]) for k in sharp)
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path / "wider"), *tiny, "--init", str(tmp_path / "full"), "--unet_width", "2"])
     assert "architecture is the folder's" in capsys.readouterr().err
@@ -154,10 +158,104 @@ def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
                                          ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
                                          ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
                                          ("--unnamed_position", "middle"), ("--floor_pool", "3"),
-                                         ("--floor_detail", "edges")])
+                                         ("--floor_detail", "edges"), ("--judge_blur", "9"), ("--judge_tiny", "2")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["pretrain", str(tmp_path), flag, value])
     assert flag in capsys.readouterr().err
+
+
+def test_judge_command_retrains_a_folders_judge_alone(tmp_path, capsys):
+    """`python -m dreampeft.toy judge MODEL`: a new judge (the one pretraining with the folder's seed,
+    images and batch and the given blur and steps trains) and the model's prompt following re-read
+    with it; the UNet is untouched and the earlier judge's settings and figures stay in the report.
+    A folder that is not a toy model, or a bad flag, changes nothing and says what to pass."""
+    from safetensors.torch import load_file
+
+    from dreampeft.toy.__main__ import main
+    from dreampeft.toy.judge import train_judge
+
+    model = tmp_path / "toy"
+    assert main(["pretrain", str(model), "--vae_steps", "2", "--unet_steps", "2", "--judge_steps", "2",
+                 "--n_images", "32", "--batch", "8", "--eval_captions", "6", "--judge_blur", "0"]) == 0
+    before = json.loads((model / "pretrain_report.json").read_text())
+    unet = (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    for bad, says in ((["judge", str(tmp_path / "nothing")], "not a toy model folder"),
+                      (["judge", str(model), "--judge_blur", "9"], "judge_blur")):
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert says in capsys.readouterr().err
+        assert json.loads((model / "pretrain_report.json").read_text()) == before
+    assert main(["judge", str(model), "--judge_blur", "1.5", "--judge_steps", "3", "--judge_tiny", "0.25",
+                 "--judge_orange", "0.75"]) == 0
+    report = json.loads((model / "pretrain_report.json").read_text())
+    assert [report[k] for k in ("judge_blur", "judge_steps", "judge_tiny", "judge_orange")] == [1.5, 3, 0.25, 0.75]
+    assert report["judges"] == [{"judge_steps": 2, "judge_blur": 0.0, "judge_tiny": before["judge_tiny"],
+                                 "judge_orange": before["judge_orange"], "prompt_following": before["prompt_following"]}]
+    assert set(report["prompt_following"]) == set(HEADS) and report["curve"] == before["curve"]
+    expected = train_judge(before["seed"], before["n_images"] // 2, 3, before["batch"], lambda m: None, 1.5, 0.25, 0.75)
+    saved = load_file(model / "judge.safetensors")
+    assert all(torch.equal(saved[k], v.half()) for k, v in expected.state_dict().items())
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
+    assert not list(model.glob(".*"))  # no temporary file left behind
+
+
+def test_judge_blur_blurs_each_image_by_its_own_sigma():
+    """The judge's augmentation: sigma 0 leaves an image as it is, a sigma blurs as PIL's Gaussian
+    blur of that radius does (the drawings the bench's earlier judge misread were blurred so), the
+    mean colour is kept, and each image of a batch gets its own sigma."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    from dreampeft.toy.data import to_unit
+    from dreampeft.toy.judge import blur_batch
+    from dreampeft.toyworld import render, world_sample
+
+    scenes = [world_sample(3, i) for i in range(4)]
+    x = to_unit(torch.from_numpy(np.stack([np.asarray(render(s)) for s in scenes])).permute(0, 3, 1, 2))
+    sigma = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    y = blur_batch(x, sigma)
+    assert torch.allclose(y[0], x[0], atol=1e-6)
+    for i in (1, 2, 3):
+        pil = render(scenes[i]).filter(ImageFilter.GaussianBlur(float(sigma[i])))
+        ref = to_unit(torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1))
+        diff, moved = (y[i] - ref).abs().mean().item(), (x[i] - ref).abs().mean().item()
+        assert diff < 0.25 * moved, (i, diff, moved)  # far closer to PIL's blur than to the sharp image
+        assert torch.allclose(y[i].mean((1, 2)), x[i].mean((1, 2)), atol=0.02)
+    other = x.clone()
+    other[[0, 1, 3]] = torch.rand(3, *x.shape[1:])
+    assert torch.equal(blur_batch(other, sigma)[2], y[2])  # the other images do not leak in
+
+
+def test_judge_scenes_draw_dots_and_orange_shapes():
+    """``judge_tiny``: that share of the small objects is drawn at 0.45–0.75× the small diameter (the toy's
+    models draw dots, which a judge that never saw one read as the star), still labelled small and
+    with its own shape; ``judge_orange``: plain shapes in the star's colour. Nothing else changes,
+    and 0 is the world as rendered."""
+    import numpy as np
+
+    from dreampeft.toy.data import render_set
+    from dreampeft.toy.judge import judge_scenes
+    from dreampeft.toyworld import SHAPES, object_mask
+
+    world, pixels = render_set(7, 300, subject_rate=0.3)
+    plain, same = judge_scenes(0, 300)
+    assert plain == world and torch.equal(same, pixels)
+    scenes, shrunk = judge_scenes(0, 300, tiny=0.5)
+    moved = [i for i, (s, w) in enumerate(zip(scenes, world)) if s != w]
+    small = [i for i, w in enumerate(world) if w.size == "small"]
+    assert set(moved) <= set(small) and 0.35 < len(moved) / len(small) < 0.65
+    assert all(replace(scenes[i], scale=1.0) == world[i] and 0.45 <= scenes[i].scale <= 0.75 for i in moved)
+    area = lambda s: np.asarray(object_mask(s)).sum()  # noqa: E731
+    assert all(area(scenes[i]) < area(world[i]) * 0.6 for i in moved)  # scale² ≤ 0.56
+    untouched = [i for i in range(300) if i not in moved]
+    assert torch.equal(shrunk[untouched], pixels[untouched]) and not torch.equal(shrunk[moved], pixels[moved])
+    # judge_orange: that share of the plain shapes recoloured orange (the star's colour), nothing else
+    scenes, _ = judge_scenes(0, 300, orange=0.5)
+    moved = [i for i, (s, w) in enumerate(zip(scenes, world)) if s != w]
+    assert all(world[i].shape in SHAPES and world[i].colour != "orange" for i in moved)
+    assert all(replace(scenes[i], colour=world[i].colour) == world[i] and scenes[i].colour == "orange" for i in moved)
+    plain = [w for w in world if w.shape in SHAPES and w.colour != "orange"]
+    assert 0.35 < len(moved) / len(plain) < 0.65

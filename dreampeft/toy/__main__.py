@@ -1,6 +1,7 @@
-"""python -m dreampeft.toy {pretrain,samples,bench,merge,options,sweep,scales}: the toy SDXL that draws the toy world.
+"""python -m dreampeft.toy {pretrain,judge,samples,bench,merge,options,sweep,scales}: the toy SDXL that draws the toy world.
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
+    python -m dreampeft.toy judge MODEL [--judge_blur 3] [--judge_tiny 0.5]   # retrain its judge alone (~2 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|locon_masked|...] [--set KEY=VALUE] [--out toy_bench]
     python -m dreampeft.toy merge BENCH_A BENCH_B [...] --out toy_bench   # benches run side by side, one table
@@ -23,6 +24,7 @@ from .bench import BENCH_STEPS, DRIFT_CAPTIONS, check_recipe
 from ..toyworld import ALL_SUBJECTS, SUBJECTS
 from .options import VARIANTS
 from .recipe import RECIPES, parse_overrides, recipe_steps
+from .judge import SETTINGS as JUDGE_SETTINGS
 from .pretrain import PretrainConfig, pretrain
 
 SET_HELP = ("a trainer option over the recipe's, repeatable, e.g. --set mask_background_weight=0.1 "
@@ -38,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("out")
     for f in fields(PretrainConfig):
         pre.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    jud = sub.add_parser("judge", help="retrain a toy model folder's judge alone; re-read its prompt following")
+    jud.add_argument("model", help="a toy model folder (pretrain's OUT); its judge and report are replaced")
+    for name in JUDGE_SETTINGS:
+        default = PretrainConfig.__dataclass_fields__[name].default
+        jud.add_argument(f"--{name}", type=type(default), default=default)
     sam = sub.add_parser("samples", help="a grid of prompts (rows: shapes; columns: colours)")
     sam.add_argument("--model", default=str(TOY_MODEL))
     sam.add_argument("--out", default="toy_samples.png")
@@ -106,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(f"pretrain: --{e}")
         pretrain(args.out, config, log=lambda msg: print(msg, flush=True))
+    elif args.command == "judge":
+        from .judge import rejudge
+
+        try:
+            settings = {name: getattr(args, name) for name in JUDGE_SETTINGS}
+            PretrainConfig(**settings)  # validates them
+            rejudge(args.model, log=lambda msg: print(msg, flush=True), **settings)
+        except ValueError as e:
+            p.error(f"judge: {e}")
     elif args.command == "samples":
         import torch
         from diffusers import StableDiffusionXLPipeline

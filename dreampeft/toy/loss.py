@@ -1,7 +1,10 @@
 """The toy UNet's pretraining loss: v-prediction error weighted by timestep (min-SNR-5 and the SNR
-floor) and by where the object is."""
+floor) and by where the object is; and the warm-up + cosine schedule and update step that every
+pretraining stage (VAE, UNet, judge) uses."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -59,3 +62,17 @@ def floored_v_loss(pred, target, snr, floor: float, pool: int = 1, masks=None, o
             raise ValueError("background_detail needs the object masks: which blocks the object touches")
         floored = floored + (detail.pow(2) * untouched_blocks(masks, pool)).mean((1, 2, 3))
     return (per_example * min_snr + floored * (weight - min_snr)).mean()
+
+
+def warmup_cosine(opt, steps: int, warmup: int = 50):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def optimizer_step(opt, sched, loss, clip_params=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()

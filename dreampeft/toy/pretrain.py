@@ -24,35 +24,20 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from ..toyworld import POSITIONS
 from .data import latent_object_masks, object_masks, render_set, to_unit, vae_set
-from .loss import FLOOR_DETAIL, floored_v_loss
-from .models import ATTENTION_16, HEADS, Judge, build_toy_unet, build_toy_vae, scene_labels, toy_unet_shape
+from .judge import judge_for
+from .loss import FLOOR_DETAIL, floored_v_loss, optimizer_step, warmup_cosine
+from .models import ATTENTION_16, build_toy_unet, build_toy_vae, toy_unet_shape
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
-
-
-def _schedule(opt, steps: int, warmup: int = 50):
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
-def _update(opt, sched, loss, clip_params=None) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip_params is not None:
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
-    opt.step()
-    sched.step()
 
 
 def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
@@ -63,7 +48,7 @@ def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int,
     steps with object weight 20, 97% after 1,000 with 10)."""
     vae = build_toy_vae(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched, gen = _schedule(opt, steps), torch.Generator().manual_seed(seed)
+    sched, gen = warmup_cosine(opt, steps), torch.Generator().manual_seed(seed)
     for step in range(steps):
         pick = torch.randint(len(pixels), (batch,), generator=gen)
         x, w = to_unit(pixels[pick]), 1 + object_weight * (masks[pick].float() / 255)
@@ -71,7 +56,7 @@ def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int,
         rec = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=gen)).sample
         # a light KL keeps the latents compact without blurring flat-coloured shapes
         loss = ((rec - x).pow(2) * w).mean() / w.mean() + 1e-6 * post.kl().mean()
-        _update(opt, sched, loss)
+        optimizer_step(opt, sched, loss)
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step + 1}/{steps} loss {loss.item():.5f}")
     return vae.eval().requires_grad_(False)
@@ -124,7 +109,7 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
     ema = copy.deepcopy(models).requires_grad_(False)
     noise_sched = DDPMScheduler.from_config(toy_scheduler().config)
     opt = torch.optim.AdamW(models.parameters(), lr=c.unet_lr, weight_decay=1e-4)
-    sched, gen = _schedule(opt, steps, warmup=100), torch.Generator().manual_seed(seed + 1)
+    sched, gen = warmup_cosine(opt, steps, warmup=100), torch.Generator().manual_seed(seed + 1)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(batch, 1)
     for step in range(steps):
         pick = torch.randint(len(mean), (batch,), generator=gen)
@@ -144,7 +129,7 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         loss = floored_v_loss(pred, noise_sched.get_velocity(z0, noise, t), snr, floor, c.floor_pool,
                               None if masks is None else masks[pick], c.object_weight,
                               background_detail=c.floor_detail == "background")
-        _update(opt, sched, loss, models.parameters())
+        optimizer_step(opt, sched, loss, models.parameters())
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, q in zip(ema.parameters(), models.parameters()):
@@ -154,40 +139,6 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         if sample_fn is not None and ((step + 1) % c.eval_every == 0 or step == steps - 1):
             sample_fn(*ema, step + 1)
     return tuple(m.eval() for m in ema)
-
-
-def train_judge(seed: int, n: int, steps: int, batch: int, log) -> Judge:
-    scenes, pixels = render_set(seed + 7, n, subject_rate=0.3)
-    labels = {h: torch.tensor([scene_labels(s)[h] for s in scenes]) for h in HEADS}
-    judge = Judge()
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3)
-    sched, gen = _schedule(opt, steps), torch.Generator().manual_seed(seed + 2)
-    for step in range(steps):
-        pick = torch.randint(n, (batch,), generator=gen)
-        x = to_unit(pixels[pick])
-        x = x + 0.1 * torch.randn(x.shape, generator=gen)  # generated images are not pixel-perfect
-        out = judge(x)
-        loss = sum(F.cross_entropy(out[h], labels[h][pick], ignore_index=-100) for h in HEADS)
-        _update(opt, sched, loss)
-        if step % 200 == 0 or step == steps - 1:
-            log(f"judge step {step + 1}/{steps} loss {loss.item():.4f}")
-    return judge.eval().requires_grad_(False)
-
-
-JUDGE_FIELDS = ("seed", "n_images", "judge_steps", "batch")  # all that train_judge reads
-
-
-def _judge(c: "PretrainConfig", log) -> Judge:
-    """A second stage (``--init``) reuses its folder's judge when the folder trained it on the same
-    JUDGE_FIELDS (the same judge, stored in fp16; saves 1–1.5 min a stage here), else trains one."""
-    from .evaluate import load_judge
-
-    made = Path(c.init, "pretrain_report.json")
-    if c.init and made.exists() and all(json.loads(made.read_text()).get(k) == getattr(c, k) for k in JUDGE_FIELDS):
-        log(f"judge: {c.init}'s (trained on the same {', '.join(JUDGE_FIELDS)})")
-        return load_judge(c.init)
-    return train_judge(c.seed, c.n_images // 2, c.judge_steps, c.batch, log)
 
 
 def _assemble(pipe, **replace):
@@ -214,7 +165,10 @@ class PretrainConfig:
 
     vae_steps: int = 1000
     unet_steps: int = 2000
-    judge_steps: int = 800
+    judge_steps: int = 1600
+    judge_blur: float = 3.0  # each judge training image blurred by U(0, judge_blur) px (judge.py says why)
+    judge_tiny: float = 0.0  # the share of the judge's small objects drawn at 0.45–0.75× small (judge_scenes)
+    judge_orange: float = 0.0  # the share of the judge's plain shapes recoloured orange (judge.py says why)
     n_images: int = 12_000
     batch: int = 64
     seed: int = 0
@@ -251,6 +205,11 @@ class PretrainConfig:
         for name in ("vae_steps", "unet_steps", "judge_steps", "n_images", "batch", "eval_captions", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer (got {getattr(self, name)})")
+        if not 0 <= self.judge_blur <= 8:
+            raise ValueError(f"judge_blur is a Gaussian's standard deviation in pixels: 0 (off) to 8 (got {self.judge_blur})")
+        for name in ("judge_tiny", "judge_orange"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a share of the judge's scenes in [0, 1] (got {getattr(self, name)})")
         if self.batch < 2:
             raise ValueError(f"batch must be at least 2: the VAE trains on batch // 2 (got {self.batch})")
         if not 0 <= self.vae_striped <= 1:
@@ -331,7 +290,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
 
     # the judge first (it does not depend on the UNet), so that prompt following is read along training
     t = time.perf_counter()
-    judge = _judge(c, log)
+    judge = judge_for(c, log)
     timings["judge_s"] = time.perf_counter() - t
     curve = []
 
