@@ -1,7 +1,7 @@
 """python -m dreampeft.toy {pretrain,judge,samples,bench,merge,options,sweep,scales}: the toy SDXL that draws the toy world.
 
     python -m dreampeft.toy pretrain OUT        # train VAE + UNet + judge on the CPU (~40 min)
-    python -m dreampeft.toy judge MODEL [--judge_blur 3] [--judge_tiny 0.5]   # retrain its judge alone (~2 min)
+    python -m dreampeft.toy judge MODEL [--judge_blur 3] [--judge_tiny 0] [--judge_orange 0]   # retrain its judge alone (~2 min)
     python -m dreampeft.toy samples [--model DIR] --out grid.png
     python -m dreampeft.toy bench [--methods lora,mora] [--train_seeds 3] [--recipe prior|locon_masked|...] [--set KEY=VALUE] [--out toy_bench]
     python -m dreampeft.toy merge BENCH_A BENCH_B [...] --out toy_bench   # benches run side by side, one table

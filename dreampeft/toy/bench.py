@@ -96,9 +96,9 @@ def score(judge, images: list, prompts: list[str], subject: str) -> dict:
     """Subject fidelity and prompt fidelity (see the module docstring) of images for prompts, and
     ``subject_large``: subject fidelity counting only the drawings the judge reads as large (a small
     drawing scores 0). A small blurry drawing says little about its shape (the first judge read small
-    triangles under a 2-px blur as the star 88 % of the time; the shipped one, trained with blur,
-    ~0.12, and ~0.5 under 3 px: ``bench/toy_judge_small.py``); ``subject_large`` cannot be earned
-    with blobs."""
+    triangles under a 2-px blur as the star, 0.84; the shipped one, trained with blur, 0.19, but an
+    orange dot of any shape still ~0.5–0.95: ``bench/toy_judge_small.py``); ``subject_large``
+    cannot be earned with dots."""
     probs = judge_images(judge, images)
     subject_p = probs["object"][:, HEADS["object"].index(subject)]
     large = (probs["size"].argmax(-1) == HEADS["size"].index("large")).float()
