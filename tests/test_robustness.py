@@ -373,6 +373,36 @@ def test_sigterm_and_ctrl_c_stop_cleanly(sig, code, tiny_sdxl, instance_dir, tmp
     assert (Path(last["checkpoint"]) / "trainer_state.pt").exists()
 
 
+def test_a_stop_signal_whose_raise_was_lost_still_stops_the_run(tiny_sdxl, instance_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    """The handler's raise can land in a finaliser and be lost ("Exception ignored"; a Ctrl-C in CI
+    once left a run training on): the signal is kept, and the loop stops the run at the next step,
+    as if the raise had arrived — exit 2, a "stopped" event naming the last checkpoint."""
+    import importlib
+
+    from dreampeft.dreambooth import stop
+
+    trainer = importlib.import_module("dreampeft.dreambooth.train")  # the package exports train(), the function
+
+    real = trainer.train_step
+
+    def step_then_lost_signal(run, step):
+        result = real(run, step)
+        if step == 2:  # after step 3's checkpoint-2 exists; the signal recorded, its raise swallowed
+            stop._ASKED.append(signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_lost_signal)
+    out = tmp_path / "out"
+    assert train_dreambooth.main(base_args(tiny_sdxl, instance_dir, out, "--max_train_steps", "50",
+                                           "--checkpointing_steps", "2")) == 2
+    assert "continue with --resume_from_checkpoint latest" in capsys.readouterr().err
+    events = read_events(out / "events.jsonl")
+    assert max(e["step"] for e in events if e["event"] == "step") == 3
+    assert events[-1]["event"] == "stopped" and events[-1]["checkpoint"].endswith("checkpoint-2")
+    assert not stop._ASKED  # nothing left over for the next run in this process
+
+
 # -- 6. export CLI -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,match", [
     (["--rank", "0"], "0 keeps nothing; use a rank of 1 or more"),

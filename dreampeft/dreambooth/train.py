@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import statistics
 import sys
 import threading
@@ -25,7 +24,7 @@ from .. import inject
 from ..adapters import dash_step
 from ..adapters.svd_prefetch import SVDPrefetch
 from ..state import WEIGHTS_NAME
-from . import rundir
+from . import rundir, stop
 from .checkpoint import last_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
 from .batch import compute_loss
@@ -38,6 +37,7 @@ from .optim import OPTIMIZERS
 from .models import SDXLParts, build_pipeline, load_parts
 from .prior import generate_class_images
 from .trackers import Trackers, accelerator_kwargs
+from .stop import RunStopped  # noqa: F401  (cli.py's import)
 from .views import BatchPlan, bucket_groups
 
 
@@ -281,22 +281,14 @@ def _due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-class RunStopped(Exception):
-    """SIGTERM arrived (the app's Stop button, a job scheduler): the run ends like Ctrl-C does."""
-
-
-def _raise_stopped(signum, frame):
-    raise RunStopped(f"stopped by {signal.Signals(signum).name}")
-
-
 def train(cfg: DreamBoothConfig) -> TrainResult:
     """Run DreamBooth; returns where everything went and what the run cost."""
     out = Path(cfg.output_dir)
     acc = make_accelerator(cfg)
     events = open_events(cfg.events, enabled=acc.is_main_process)
-    lock, run, previous = None, None, None
-    if threading.current_thread() is threading.main_thread():  # restored when the run ends
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    lock, run = None, None
+    # restored when the run ends
+    previous = stop.install() if threading.current_thread() is threading.main_thread() else {}
     try:
         if acc.is_main_process:
             lock = rundir.claim(out, cfg.overwrite_output_dir, bool(cfg.resume_from_checkpoint))
@@ -342,8 +334,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
         events.close()
         if lock is not None:
             lock.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.restore(previous)
 
 
 def _loop(run: Run, start: int, events: EventLog) -> list[float]:
@@ -355,6 +346,7 @@ def _loop(run: Run, start: int, events: EventLog) -> list[float]:
                 if cfg.dash_svd_prefetch else None)
     with bar, prefetch or contextlib.nullcontext():  # the bar is closed before any error line is printed
         for step in range(start, run.total_steps):
+            stop.raise_if_asked()
             if cfg.train_text_encoder and step >= run.text_encoder_stop and not run.text_encoders_done:
                 fix_text_encoders(run)
             t0 = time.perf_counter()
