@@ -3,7 +3,8 @@ the same way — a "stopped" event naming the last checkpoint, exit 2 or 130.
 
 The handler raises at once, to leave a long step; the training loop raises again between steps
 (``raise_if_asked``), because a raise that lands in a finaliser is printed as "Exception ignored" and
-lost: a Ctrl-C in CI once left a run training on for 3 minutes.
+lost. A Ctrl-C in CI once left a run training on for 3 minutes (the cause was not pinned down; this
+is the one way to lose it that a handler can see).
 """
 
 from __future__ import annotations
