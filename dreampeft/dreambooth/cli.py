@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..state import AdapterFileError
     from ..utils import quiet_libraries
     from .data import DreamBoothError
-    from .train import RunStopped, train
+    from .stop import RunStopped
+    from .train import train
 
     quiet_libraries()
     cfg = None

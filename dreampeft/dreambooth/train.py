@@ -37,7 +37,7 @@ from .optim import OPTIMIZERS
 from .models import SDXLParts, build_pipeline, load_parts
 from .prior import generate_class_images
 from .trackers import Trackers, accelerator_kwargs
-from .stop import RunStopped  # noqa: F401  (cli.py's import)
+from .stop import RunStopped
 from .views import BatchPlan, bucket_groups
 
 
