@@ -3,6 +3,7 @@ architecture options and its flags, on a few steps of tiny runs."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import replace
 
@@ -152,13 +153,41 @@ def test_toy_unet_attention_at_16x16_and_width(where, attends_16, width):
     assert out.shape == (1, 4, 16, 16)
 
 
+def test_pretrain_bf16_steps_run_in_bf16_and_keep_float32_weights():
+    """``--mixed_precision bf16``: the step's convolutions really run in bfloat16, its loss is close to
+    float32's (the same batch, within bf16's precision), and the weights, their EMA and the returned
+    models stay float32."""
+    from dreampeft.tiny import build_tiny_sdxl
+    from dreampeft.toy.data import render_set
+    from dreampeft.toy.models import build_toy_unet
+    from dreampeft.toy.pretrain import PretrainConfig, tokenize_captions, train_unet
+
+    scenes, _ = render_set(0, 16)
+    pipe = build_tiny_sdxl(0)
+    text = tokenize_captions([pipe.tokenizer, pipe.tokenizer_2], [s.caption() for s in scenes])
+    latents = (torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((16, 4, 16, 16), 0.1))
+    losses, computed = {}, {}
+    for precision in ("no", "bf16"):
+        logged = []
+        c = PretrainConfig(unet_steps=1, batch=8, snr_floor=0.1, floor_pool=4, mixed_precision=precision)
+        start = [build_toy_unet(0), *(copy.deepcopy(e) for e in (pipe.text_encoder, pipe.text_encoder_2))]
+        start[0].conv_in.register_forward_hook(lambda m, i, out, p=precision: computed.update({p: out.dtype}))
+        models = train_unet(latents, text, start, c, logged.append)
+        losses[precision] = float(logged[-1].split()[-1])
+        assert all(p.dtype == torch.float32 for m in (*models, *start) for p in m.parameters()), precision
+        assert not torch.equal(start[0].conv_in.weight, build_toy_unet(0).conv_in.weight)  # it trained
+    assert computed == {"no": torch.float32, "bf16": torch.bfloat16}
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.03)
+
+
 @pytest.mark.parametrize("flag, value", [("--snr_floor", "9"), ("--vae_striped", "1.5"), ("--batch", "1"),
                                          ("--unet_steps", "0"), ("--vae", "no/such/folder"), ("--layout_floor", "-1"),
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
                                          ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
                                          ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
                                          ("--unnamed_position", "middle"), ("--floor_pool", "3"),
-                                         ("--floor_detail", "edges"), ("--judge_blur", "9"), ("--judge_tiny", "2")])
+                                         ("--floor_detail", "edges"), ("--judge_blur", "9"), ("--judge_tiny", "2"),
+                                         ("--mixed_precision", "fp16")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):
     from dreampeft.toy.__main__ import main
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -38,6 +39,22 @@ from .loss import FLOOR_DETAIL, floored_v_loss, optimizer_step, warmup_cosine
 from .models import ATTENTION_16, build_toy_unet, build_toy_vae, toy_unet_shape
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL micro-conditioning: original size, crop, target size
+
+
+@contextmanager
+def autocast(mixed_precision: str):
+    """Where ``mixed_precision`` is "bf16": convolutions and matmuls in bfloat16 (weights, EMA, Adam and
+    the loss stay float32), attention through PyTorch's math kernel — the CPU flash kernel's bf16
+    backward took 4× its float32 time (0.29 against 0.07 s a step), eating most of the gain. On a CPU
+    with AVX-512 BF16 a shipped-recipe UNet step then takes ~0.7× its float32 time
+    (``bench/toy_pretrain_precision.py``); without it bf16 is emulated, slower."""
+    if mixed_precision != "bf16":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def train_vae(pixels: torch.Tensor, masks: torch.Tensor, steps: int, batch: int, seed: int, log,
@@ -117,9 +134,10 @@ def train_unet(latents, text, start: list, c: "PretrainConfig", log, sample_fn=N
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(c.min_timestep, 1000, (batch,), generator=gen)
         keep = (torch.rand(batch, generator=gen) >= 0.1).float()  # 10% unconditional
-        h, p = encode_prompts(list(models[1:]), [x[index[pick]] for x in ids], "cpu")
-        pred = models[0](noise_sched.add_noise(z0, noise, t), t, h * keep[:, None, None],
-                         added_cond_kwargs={"text_embeds": p * keep[:, None], "time_ids": time_ids}).sample
+        with autocast(c.mixed_precision):
+            h, p = encode_prompts(list(models[1:]), [x[index[pick]] for x in ids], "cpu")
+            pred = models[0](noise_sched.add_noise(z0, noise, t), t, h * keep[:, None, None],
+                             added_cond_kwargs={"text_embeds": p * keep[:, None], "time_ids": time_ids}).sample.float()
         snr = compute_snr(noise_sched, t)
         # Min-SNR-5 for v-prediction: caps the easy, nearly clean steps. Its v form also fades to 0
         # at snr 0 (the first sampling step, where the layout is decided), and the shipped model
@@ -196,6 +214,7 @@ class PretrainConfig:
     unet_width: int = 1  # multiplies the UNet's channels (32, 64, 128); 2 costs ~2.7× per step
     eval_captions: int = 60  # full captions that prompt following is read on (curve and final report)
     eval_every: int = 500  # UNet steps between readings of the curve
+    mixed_precision: str = "no"  # "bf16": the UNet's and text encoders' training steps under bf16 autocast
     vae: str = ""  # a toy model folder (or its vae/) whose VAE to reuse instead of training one
     # a toy model folder to continue from (its UNet, text encoders and, unless --vae says otherwise,
     # VAE; unet_width and attention_16 are then the folder's): a second stage with other settings
@@ -232,6 +251,8 @@ class PretrainConfig:
             raise ValueError(f"floor_detail must be one of {', '.join(FLOOR_DETAIL)} (got {self.floor_detail!r})")
         if self.floor_detail != "none" and self.floor_pool == 1:
             raise ValueError("floor_detail needs --floor_pool 2 or more: at 1 the floor already weighs every pixel's error")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be no or bf16 (got {self.mixed_precision!r})")
         if not 0 < self.unet_lr < 1:
             raise ValueError(f"unet_lr must lie in (0, 1) (got {self.unet_lr})")
         if not 1 <= self.unet_width <= 4:
