@@ -25,12 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dreampeft.tiny import build_tiny_sdxl  # noqa: E402
-from dreampeft.toy import pretrain  # noqa: E402
+from dreampeft.toy import TOY_MODEL, pretrain  # noqa: E402
 from dreampeft.toy.data import latent_object_masks, render_set  # noqa: E402
 from dreampeft.toy.models import build_toy_unet  # noqa: E402
 from dreampeft.toy.pretrain import (PretrainConfig, _load_vae, encode_latents, tokenize_captions,  # noqa: E402
                                     train_unet)
-from dreampeft.toy import TOY_MODEL  # noqa: E402
 
 
 @contextmanager
