@@ -108,6 +108,49 @@ def test_unet_layers_choice_reaches_the_trainer_and_locon_is_lora_only():
         DreamBoothConfig(adapter="mora", **common)
 
 
+PRIOR_CASES = [  # (options, instance prompt, class prompt the run gets, or the error's words)
+    ({}, "a photo of sks dog", None, None),
+    ({"with_prior_preservation": True}, "a photo of sks dog", "a photo of dog", None),
+    ({"with_prior_preservation": True}, "sks dog on a beach", "dog on a beach", None),
+    ({"with_prior_preservation": True, "class_prompt": "a photo of a dog"}, "a photo of sks dog", "a photo of a dog", None),
+    ({"class_prompt": "a dog"}, "a photo of sks dog", None, "used only with prior preservation: tick"),
+    ({"with_prior_preservation": True}, "a photo of sks", None, "names no class after its identifier; write the class"),
+]
+
+
+@pytest.mark.parametrize("options, prompt, klass, error", PRIOR_CASES)
+def test_prior_preservation_gets_a_class_prompt_and_a_shared_folder(options, prompt, klass, error, tmp_path):
+    """The app fills in what the CLI asks for: the class prompt (typed, or the instance prompt
+    without its identifier) and a class folder per base model, class prompt and resolution, so runs
+    that would draw the same class images share them; what cannot work is refused before queueing."""
+    from dreampeft.app.forms import prior_options
+
+    if error:
+        with pytest.raises(ConfigError, match=error):
+            prior_options(options, tmp_path, "m", prompt, 64)
+        return
+    got = prior_options(options, tmp_path, "m", prompt, 64)
+    if klass is None:
+        assert got == options
+        return
+    assert got["class_prompt"] == klass and Path(got["class_data_dir"]).parent == tmp_path
+    DreamBoothConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt=prompt, **got)
+    same = prior_options(options, tmp_path, "m", prompt, 64)["class_data_dir"]
+    others = {prior_options(options, tmp_path, *other)["class_data_dir"] for other in (("m2", prompt, 64), ("m", prompt, 128))}
+    assert same == got["class_data_dir"] and got["class_data_dir"] not in others and len(others) == 2
+
+
+def test_the_runs_table_shows_class_images_while_a_run_prepares(tmp_path):
+    from dreampeft.app.jobs import Job
+
+    app = App(tmp_path / "app", model="m")
+    cfg = _cfg("m", tmp_path / "run")
+    cfg.events = str(tmp_path / "ev.jsonl")
+    Path(cfg.events).write_text('{"event": "class_images", "time": 1, "done": 4, "total": 100}\n')
+    app.queue.jobs.append(Job(1, cfg, state="running"))
+    assert app.progress()[0][0][:4] == [1, "lora", "running", "class images 4/100"]
+
+
 def _cfg(model, out, method="lora", steps=3, **kw):
     return DreamBoothConfig(pretrained_model_name_or_path=str(model), instance_data_dir=str(ASSETS / "subject"),
                             instance_prompt="a photo of sks star", output_dir=str(out), events=str(out / "ev.jsonl"),
@@ -195,6 +238,27 @@ def test_app_trains_validates_and_offers_downloads(trained_app):
         saved = json.loads((Path(job.cfg.output_dir) / "dreambooth_config.json").read_text())
         assert (saved["use_ema"], saved["caption_dropout_rate"], saved["aspect_buckets"]) == (True, 0.1, False)
         assert (Path(job.cfg.output_dir) / "training_weights").is_dir()
+
+
+def test_prior_preservation_from_the_app_draws_class_images_once(tiny_sdxl, tmp_path):
+    """Ticking prior preservation is all the app needs: the class prompt comes from the instance
+    prompt, the base draws the class images once (the runs table counts them), and the next run on
+    the same base, class and resolution reuses them."""
+    app = App(tmp_path, model=str(tiny_sdxl))
+    lrs, values = [1e-2] * len(METHODS), [s.default for s in app.specs]
+    chosen = {"with_prior_preservation": True, "num_class_images": 2, "prior_loss_weight": 0.5}
+    run_values = [chosen.get(s.name, s.default) for s in app.run_specs]
+    message = app.train(str(tiny_sdxl), SUBJECT, "", "star", ["lora", "mora"], 1, 64, 0, 0, *lrs, *values, *run_values)
+    assert message.startswith("Queued lora (run 1), mora (run 2)")
+    assert app.queue.wait(JOB_WAIT_S) and [j.state for j in app.queue.jobs] == ["done", "done"]
+    for job in app.queue.jobs:
+        saved = json.loads((job.output_dir / "dreambooth_config.json").read_text())
+        assert (saved["with_prior_preservation"], saved["class_prompt"], saved["prior_loss_weight"]) == (
+            True, "a photo of star", 0.5)
+    folder, = (tmp_path / "class_images").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["class-00000.png", "class-00001.png"]
+    drawn = [[(e["done"], e["total"]) for e in job.events() if e["event"] == "class_images"] for job in app.queue.jobs]
+    assert drawn == [[(2, 2)], []]
 
 
 def test_side_by_side_generation_with_scale_and_scores(trained_app, tiny_sdxl):

@@ -458,6 +458,46 @@ def test_a_base_saved_in_fp16_trains_with_generated_class_images(tiny_sdxl, inst
     assert len(list((tmp_path / "cls").glob("*.png"))) == 2
 
 
+def test_class_images_stopped_midway_leave_whole_images_and_resume(tmp_path, monkeypatch):
+    """A run stopped while the base draws class images (the app's Stop, Ctrl-C) — here in the middle
+    of writing the third PNG — leaves only whole PNGs; the next run with the folder draws only the
+    rest, and its progress counts those."""
+    from dreampeft.dreambooth import DreamBoothConfig
+    from dreampeft.dreambooth.prior import generate_class_images
+
+    class Base:  # the pipeline's interface: prompts in, PIL images out
+        def __call__(self, prompts, generator, **_):
+            shade = int(generator.initial_seed()) * 40
+            return type("Out", (), {"images": [Image.new("RGB", (32, 32), (shade, 0, 0)) for _ in prompts]})
+
+        def to(self, device):
+            return self
+
+    save, saved = Image.Image.save, []
+
+    def stopped_on_the_third(image, fp, *args, **kwargs):
+        saved.append(fp)
+        if len(saved) == 3:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n")  # the first bytes, then the stop
+            raise KeyboardInterrupt
+        return save(image, fp, *args, **kwargs)
+
+    cfg = DreamBoothConfig(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="a sks toy",
+                           with_prior_preservation=True, class_prompt="a toy", class_data_dir=str(tmp_path / "cls"),
+                           num_class_images=5, sample_batch_size=2)
+    monkeypatch.setattr(Image.Image, "save", stopped_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_class_images(cfg, Base(), "cpu")
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert sorted(p.name for p in (tmp_path / "cls").iterdir()) == ["class-00000.png", "class-00001.png"]
+    seen = []
+    assert generate_class_images(cfg, Base(), "cpu", progress=lambda *a: seen.append(a)) == 3
+    assert seen == [(2, 3), (3, 3)]
+    names = sorted(p.name for p in (tmp_path / "cls").iterdir())
+    assert names == [f"class-{i:05d}.png" for i in range(5)]
+    assert all(load_image(tmp_path / "cls" / n).size == (32, 32) for n in names)
+
+
 def test_read_events_tolerates_only_a_half_written_last_line(tmp_path):
     log = tmp_path / "e.jsonl"
     log.write_text('{"event": "start"}\n{"event": "step", "step": 1}\n{"event": "st')

@@ -76,7 +76,7 @@ class OptionSpec:
     """One method option as a form control: its kind picks the widget."""
     method: str
     name: str
-    kind: str  # "int" | "float" | "bool" | "choice"
+    kind: str  # "int" | "float" | "bool" | "choice" | "text"
     default: Any
     help: str
     choices: tuple = ()
@@ -96,7 +96,7 @@ def field_specs(cls, owner: str, names: list[str] | None = None, skip: set = fro
         if typing.get_origin(hint) is typing.Literal:
             kind, choices = "choice", typing.get_args(hint)
         else:
-            kind, choices = {bool: "bool", int: "int", float: "float"}[hint], ()
+            kind, choices = {bool: "bool", int: "int", float: "float", str: "text"}[hint], ()
         specs.append(OptionSpec(owner, f.name, kind, f.default, f.metadata.get("help", ""), choices, optional))
     return specs
 
@@ -109,10 +109,12 @@ def option_specs(methods: list[str] | None = None) -> list[OptionSpec]:
 
 
 # The trainer options the app offers (each a DreamBoothConfig field; masks come from the images'
-# alpha channels, as the app has no mask upload).
+# alpha channels, as the app has no mask upload; class images go to a folder the app keeps per base
+# model, class prompt and resolution — ``prior_options``).
 RUN_OPTIONS = ["aspect_buckets", "random_flip", "repeats", "masked_loss", "mask_background_weight",
                "caption_dropout_rate", "use_ema", "ema_decay", "train_text_encoder", "train_text_encoder_frac",
-               "snr_gamma", "gradient_accumulation_steps"]
+               "snr_gamma", "gradient_accumulation_steps",
+               "with_prior_preservation", "class_prompt", "num_class_images", "prior_loss_weight"]
 RUN = "run"  # the owner of trainer options in OptionSpec.method
 
 
@@ -121,14 +123,48 @@ RUN = "run"  # the owner of trainer options in OptionSpec.method
 UNET_LAYERS = ("attention", "transformer", "transformer,resnets")
 
 
+# Where the app's help differs from the CLI's (the app fills in what the CLI asks for).
+APP_HELP = {
+    "with_prior_preservation": "DreamBooth's class-prior loss: the base model draws class images first "
+                               "(kept per base model, class prompt and resolution; later runs reuse them), and "
+                               "training keeps drawing them, so the class does not drift to your subject",
+    "class_prompt": "what the class images show, e.g. 'a photo of a dog' (blank: the instance prompt "
+                    "without its identifier)",
+}
+
+
 def run_option_specs() -> list[OptionSpec]:
     from ..dreambooth import DreamBoothConfig
 
+    specs = [dataclasses.replace(s, help=APP_HELP.get(s.name, s.help))
+             for s in field_specs(DreamBoothConfig, RUN, RUN_OPTIONS)]
     layers = OptionSpec(RUN, "unet_target_modules", "choice", UNET_LAYERS[0],
                         "UNet layers to adapt: attention (diffusers' default), transformer (kohya's: every linear "
                         "of the transformer blocks), transformer,resnets (kohya's LoCon: the convolutions too; "
                         "LoRA, LoRA-Dash and DoRA only)", UNET_LAYERS, many=True)
-    return [*field_specs(DreamBoothConfig, RUN, RUN_OPTIONS), layers]
+    return [*specs, layers]
+
+
+def prior_options(options: dict, class_root: Path, model: str, instance_prompt: str, resolution: int) -> dict:
+    """``options`` with prior preservation's class prompt and folder filled in: the prompt typed, or
+    the instance prompt without its identifier; the folder named by base model, class prompt and
+    resolution under ``class_root``, so every run that would draw the same class images shares them
+    (the trainer generates only the missing ones, each written whole)."""
+    from ..dreambooth.fidelity import class_prompt_of, subject_phrase
+
+    if not options.get("with_prior_preservation"):
+        if options.get("class_prompt"):
+            raise ConfigError("class_prompt is used only with prior preservation: tick "
+                              "with_prior_preservation, or clear the class prompt")
+        return options
+    klass = options.get("class_prompt")
+    if not klass:
+        if len(subject_phrase(instance_prompt).split()) < 2:
+            raise ConfigError(f"prior preservation: the instance prompt {instance_prompt!r} names no class after "
+                              "its identifier; write the class prompt (e.g. 'a photo of a dog')")
+        klass = class_prompt_of(instance_prompt)
+    key = hashlib.sha256(f"{model}\0{klass}\0{resolution}".encode()).hexdigest()[:12]
+    return {**options, "class_prompt": klass, "class_data_dir": str(class_root / key)}
 
 
 TRISTATE = {"auto": None, "on": True, "off": False}  # an optional bool: None means "decide from the data"
@@ -148,6 +184,10 @@ def options_from_values(specs: list[OptionSpec], values: list, method: str) -> d
                 continue
         elif spec.kind == "choice":
             value = value.split(",") if spec.many else type(spec.choices[0])(value)
+        elif spec.kind == "text":
+            value = str(value).strip()
+            if not value:  # blank: the default (None: the trainer's or the app's rule)
+                continue
         if value != spec.default:
             options[spec.name] = value
     return options

@@ -60,16 +60,19 @@ class Job:
 
     def progress(self) -> dict:
         """step, total, loss, ETA (s), validation images as (path, step), fidelity evaluations, the
-        step the exports hold, and the error, if any."""
+        step the exports hold, the class images made so far (done, total) while prior preservation
+        prepares, and the error, if any."""
         info = {"id": self.id, "method": self.method, "state": self.state, "step": 0, "total": None,
                 "loss": None, "eta_s": None, "images": [], "error": None, "evals": [], "exported_step": None,
-                "exported_reason": ""}
+                "exported_reason": "", "class_images": None}
         steps = []
         for e in self.events():
             if e["event"] == "start":
                 info["total"], first = e["total_steps"], e
             elif e["event"] == "step":
                 steps.append(e)
+            elif e["event"] == "class_images":
+                info["class_images"] = (e["done"], e["total"])
             elif e["event"] == "validation":  # the final one is logged too, before "done"
                 info["images"] += [(path, e["step"]) for path in e["images"]]
             elif e["event"] == "eval":

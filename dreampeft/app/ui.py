@@ -21,7 +21,7 @@ from ..dreambooth.config import MAX_RESOLUTION
 from ..dreambooth.plots import fidelity_plot, pareto_plot
 from ..eval import EvalError
 from .forms import (IMAGE_SUFFIXES, RUN, TRISTATE, UploadError, check_uploads, option_specs, options_from_values,
-                    run_option_specs, stage_uploads)
+                    prior_options, run_option_specs, stage_uploads)
 from .jobs import JobQueue
 from ..pipeline import check_scale
 from ..presets import RESOLUTION, SDXL, learning_rates, method_preset, parse_methods
@@ -98,7 +98,8 @@ class App:
             path = resolve_model(model, self.work_dir)
             data = stage_uploads(check_uploads(files), self.work_dir / "uploads")
             prompt = instance_prompt.strip() or f"a photo of sks {class_word.strip() or 'object'}"
-            run_options = options_from_values(self.run_specs, run_values, RUN)
+            run_options = prior_options(options_from_values(self.run_specs, run_values, RUN),
+                                        self.work_dir / "class_images", path, prompt, int(resolution))
             configs = [self._config(path, data, prompt, m, int(steps), int(resolution), int(seed),
                                     int(validate_every), float(lrs[list(METHODS).index(m)]),
                                     options_from_values(self.specs, values, m), run_options) for m in methods]
@@ -137,7 +138,8 @@ class App:
         for job in self.queue.jobs:
             p = job.progress()
             progresses.append((job, p))
-            step = f"{p['step']}/{p['total']}" if p["total"] else "–"
+            step = (f"{p['step']}/{p['total']}" if p["total"] else
+                    "class images {}/{}".format(*p["class_images"]) if p["class_images"] else "–")
             loss = f"{p['loss']:.4f}" if p["loss"] is not None else "–"
             eta = f"{p['eta_s']:.0f} s" if p["eta_s"] is not None else "–"
             state = p["state"] + (f": {p['error']}" if p["error"] else "")

@@ -45,6 +45,14 @@ def subject_phrase(instance_prompt: str) -> str:
     return re.sub(r"^(an? )?(photo of )?(an? )?", "", instance_prompt.strip(), flags=re.I) or instance_prompt
 
 
+def class_prompt_of(instance_prompt: str) -> str:
+    """The instance prompt without its identifier (the subject phrase's first word, or the phrase
+    when it is one word): "a photo of sks dog" → "a photo of dog"."""
+    subject = subject_phrase(instance_prompt)
+    identifier = subject.split()[0] if len(subject.split()) > 1 else subject
+    return " ".join(w for w in instance_prompt.split() if w != identifier)
+
+
 @dataclass
 class EvalPlan:
     prompts: list[str]
@@ -55,9 +63,7 @@ class EvalPlan:
 
 def make_plan(cfg, toy: bool) -> EvalPlan:
     subject = subject_phrase(cfg.instance_prompt)
-    identifier = subject.split()[0] if len(subject.split()) > 1 else subject
-    class_prompt = cfg.eval_class_prompt or cfg.class_prompt or " ".join(
-        w for w in cfg.instance_prompt.split() if w != identifier)
+    class_prompt = cfg.eval_class_prompt or cfg.class_prompt or class_prompt_of(cfg.instance_prompt)
     if cfg.eval_prompts:  # on the toy, the judge reads whatever size, position and background they name
         from ..toyworld import asked
 

@@ -1,12 +1,18 @@
 """Prior preservation: make sure ``num_class_images`` class images exist, generating the missing
-ones with the *base* pipeline (before any adapter is injected), as DreamBooth prescribes."""
+ones with the *base* pipeline (before any adapter is injected), as DreamBooth prescribes.
+
+Each image is written whole (temporary file, then rename): a run stopped mid-generation leaves only
+complete images, and the next run with the same folder generates just the rest.
+"""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from ..state import atomic_write
 from .config import DreamBoothConfig
 from .data import IMAGE_EXTENSIONS
 
@@ -18,8 +24,9 @@ def existing_class_images(folder: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def generate_class_images(cfg: DreamBoothConfig, pipe, device) -> int:
-    """Generate the missing class images into ``cfg.class_data_dir``; returns how many were made."""
+def generate_class_images(cfg: DreamBoothConfig, pipe, device, progress=None) -> int:
+    """Generate the missing class images into ``cfg.class_data_dir``; returns how many were made.
+    ``progress(done, total)`` is called after each batch (the app shows it while a run prepares)."""
     folder = Path(cfg.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
     have = len(existing_class_images(folder))
@@ -32,6 +39,8 @@ def generate_class_images(cfg: DreamBoothConfig, pipe, device) -> int:
         images = pipe([cfg.class_prompt] * n, num_inference_steps=cfg.inference_steps,
                       height=cfg.resolution, width=cfg.resolution, generator=g).images
         for i, image in enumerate(images):
-            image.save(folder / f"class-{have + made + i:05d}.png")
+            atomic_write(folder / f"class-{have + made + i:05d}.png", partial(image.save, format="PNG"))
         made += n
+        if progress is not None:
+            progress(made, missing)
     return made

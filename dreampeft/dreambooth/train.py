@@ -104,7 +104,7 @@ def make_accelerator(cfg: DreamBoothConfig):
                        kwargs_handlers=[ddp], **accelerator_kwargs(cfg))
 
 
-def setup(cfg: DreamBoothConfig, acc) -> Run:
+def setup(cfg: DreamBoothConfig, acc, events: EventLog | None = None) -> Run:
     from diffusers.optimization import get_scheduler
 
     instance = scan_folder(cfg.instance_data_dir, cfg.instance_prompt, "--instance_data_dir")
@@ -117,7 +117,11 @@ def setup(cfg: DreamBoothConfig, acc) -> Run:
     klass = []
     if cfg.with_prior_preservation:
         if acc.is_main_process:
-            generate_class_images(cfg, build_pipeline(cfg, parts), acc.device)
+            def report(done: int, total: int) -> None:  # before "start": the app shows it while no step has run
+                if events is not None:
+                    events.emit("class_images", done=done, total=total)
+
+            generate_class_images(cfg, build_pipeline(cfg, parts), acc.device, progress=report)
         acc.wait_for_everyone()
         klass = scan_folder(cfg.class_data_dir, cfg.class_prompt, "--class_data_dir")[: cfg.num_class_images]
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -292,7 +296,7 @@ def train(cfg: DreamBoothConfig) -> TrainResult:
     try:
         if acc.is_main_process:
             lock = rundir.claim(out, cfg.overwrite_output_dir, bool(cfg.resume_from_checkpoint))
-        run = setup(cfg, acc)
+        run = setup(cfg, acc, events)
         run.trackers = Trackers(cfg, acc)
         run.step_done = _resume(run)
         events.emit("start", total_steps=run.total_steps, start_step=run.step_done, adapter=cfg.adapter,
