@@ -222,7 +222,10 @@ def test_mora_gradients_equal_the_explicit_delta_gradients(t, d_out, d_in):
 @pytest.mark.parametrize("d_out,d_in", [(640, 640), (53, 37), (37, 53), (90, 20), (1280, 2048)])
 def test_mora_rotated_m_path_is_exact_in_forward_and_backward(d_out, d_in):
     """Type 6 with many tokens (≥ r̂) folds the rotations into M; it must compute what rotating
-    the activations computes, and what the explicit ΔW computes, values and gradients."""
+    the activations computes, and what the explicit ΔW computes, values and gradients. The three
+    sum in different orders: float32 puts them up to 1.0e-6 of the largest value apart (3 seeds
+    per shape), and a fixed 1e-4 failed one element in 26,244 of the 2048-wide case (1.3e-4)."""
+    torch.manual_seed(d_out + d_in)
     r = 8 if d_out > 100 else 2
     layer = MoRALayer(nn.Linear(d_in, d_out, bias=False), dp.MoRAConfig(r=r, mora_type=6))
     with torch.no_grad():
@@ -241,7 +244,7 @@ def test_mora_rotated_m_path_is_exact_in_forward_and_backward(d_out, d_in):
         layer.M.grad = None
     for name in ("rotated activations", "explicit"):
         for got, want in zip(results["folded"], results[name]):
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 def test_mora_rank_rounding():
