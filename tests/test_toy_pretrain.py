@@ -31,6 +31,22 @@ def test_pretrain_scenes_put_the_object_where_an_unnamed_position_says(unnamed):
         assert any(w.position != unnamed for _, w in moved)  # something did move
 
 
+@pytest.mark.parametrize("unet, vae, want", [("center", "same", "center"), ("center", "any", "any"),
+                                              ("any", "center", "center"), ("any", "same", "any")])
+def test_the_vae_trains_on_scenes_placed_as_vae_unnamed_position_says(unet, vae, want):
+    """`--vae_unnamed_position` places the VAE's unnamed objects apart from the UNet's ("same": as
+    the UNet's); the striped extras come on top either way."""
+    from dreampeft.toy.data import render_set
+    from dreampeft.toy.pretrain import PretrainConfig, vae_data
+
+    c = PretrainConfig(n_images=60, seed=3, unnamed_position=unet, vae_unnamed_position=vae, vae_striped=0.5)
+    scenes, pixels = render_set(3, 60, unnamed_position=unet)
+    vae_scenes, vae_pixels = vae_data(c, scenes, pixels)
+    expected, expected_pixels = render_set(3, 60, unnamed_position=want)
+    assert vae_scenes[:60] == expected and torch.equal(vae_pixels[:60], expected_pixels)
+    assert len(vae_scenes) == len(vae_pixels) == 90
+
+
 def test_pretrain_writes_a_toy_folder_and_reusing_its_vae_trains_the_same_unet(tmp_path, capsys):
     """`pretrain --vae DIR` (retrain the UNet on a saved toy's VAE) gives exactly the UNet a full
     run gives: the UNet always learns the fp16 VAE that ships. A few steps of each stage here."""
@@ -185,7 +201,7 @@ def test_pretrain_bf16_steps_run_in_bf16_and_keep_float32_weights():
                                          ("--layout_share", "2"), ("--unet_lr", "0"), ("--attention_16", "sideways"),
                                          ("--eval_captions", "0"), ("--unet_width", "0"), ("--init", "no/such/folder"),
                                          ("--object_weight", "-1"), ("--min_timestep", "999"), ("--eval_every", "0"),
-                                         ("--unnamed_position", "middle"), ("--floor_pool", "3"),
+                                         ("--unnamed_position", "middle"), ("--floor_pool", "3"), ("--vae_unnamed_position", "left"),
                                          ("--floor_detail", "edges"), ("--judge_blur", "9"), ("--judge_tiny", "2"),
                                          ("--mixed_precision", "fp16")])
 def test_pretrain_rejects_bad_flags_by_name(flag, value, tmp_path, capsys):

@@ -203,6 +203,9 @@ class PretrainConfig:
     # Trained on "any" with the SNR floor, the first sampling step predicts faint objects in every
     # corner for such prompts, and the sampler drew two to four of them.
     unnamed_position: str = "any"
+    # the same for the VAE's scenes ("same": the UNet's). The shipped VAE (session 13) saw "any";
+    # one-stage bases that trained theirs on "center" learn the striped ball less well (README)
+    vae_unnamed_position: str = "same"
     # the floor's extra weight falls on the error of floor_pool × floor_pool latent means (layout,
     # not detail; 1: on every pixel's error, as min-SNR's own weight always does)
     floor_pool: int = 1
@@ -238,9 +241,10 @@ class PretrainConfig:
                 raise ValueError(f"{name} must lie in [0, 5], min-SNR's cap (got {getattr(self, name)})")
         if not 0 <= self.layout_share <= 1:
             raise ValueError(f"layout_share is a share of unet_steps in [0, 1] (got {self.layout_share})")
-        if self.unnamed_position not in ("any", *POSITIONS):
-            raise ValueError(f"unnamed_position must be any or one of {', '.join(POSITIONS)} "
-                             f"(got {self.unnamed_position!r})")
+        for name, extra in (("unnamed_position", ()), ("vae_unnamed_position", ("same",))):
+            if getattr(self, name) not in (*extra, "any", *POSITIONS):
+                raise ValueError(f"{name} must be {', '.join((*extra, 'any'))} or one of {', '.join(POSITIONS)} "
+                                 f"(got {getattr(self, name)!r})")
         if not 0 <= self.object_weight <= 100:
             raise ValueError(f"object_weight must lie in [0, 100] (got {self.object_weight})")
         if not 0 <= self.min_timestep <= 998:
@@ -269,6 +273,16 @@ class PretrainConfig:
             raise ValueError("init: the UNet's architecture is the folder's; drop unet_width and attention_16")
 
 
+def vae_data(c: PretrainConfig, scenes: list, pixels: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """The scenes a new VAE trains on: the UNet's (or the world's with ``vae_unnamed_position``) plus
+    the striped extras; with ``--vae`` only the UNet's, for the latent statistics."""
+    if c.vae:
+        return scenes, pixels
+    if c.vae_unnamed_position not in ("same", c.unnamed_position):
+        scenes, pixels = render_set(c.seed, c.n_images, unnamed_position=c.vae_unnamed_position)
+    return vae_set(scenes, pixels, c.seed, c.vae_striped)
+
+
 def _forget_origin(out: Path) -> None:
     """diffusers saves the folder a component came from (``_name_or_path``) in its config: after
     ``--init`` the earlier stage's temporary folder, meaningless to whoever loads this one."""
@@ -289,7 +303,7 @@ def pretrain(out: str | Path, config: PretrainConfig = PretrainConfig(), log=pri
     out.mkdir(parents=True, exist_ok=True)
     pipe = _assemble(build_tiny_sdxl(seed), scheduler=toy_scheduler())  # the tiny random CLIP pair
     scenes, pixels = render_set(seed, c.n_images, unnamed_position=c.unnamed_position)
-    vae_scenes, vae_pixels = vae_set(scenes, pixels, seed, 0 if c.vae else c.vae_striped)
+    vae_scenes, vae_pixels = vae_data(c, scenes, pixels)
     log(f"rendered {len(vae_scenes)} scenes in {time.perf_counter() - t0:.0f} s")
 
     t = time.perf_counter()
